@@ -1,0 +1,144 @@
+"""Perplexity with llama.cpp's protocol (tools/perplexity), so figures can be set side by side.
+
+Protocol, for context size `ctx` (default 512):
+
+1. Tokenize the whole text once, with BOS at its start if the vocabulary adds BOS
+   (`tokenizer.ggml.add_bos_token`; Gemma does, SmolLM2 does not).
+2. Cut the tokens into non-overlapping windows of `ctx`: window i is tokens [i·ctx, (i+1)·ctx).
+   Only whole windows count (`n_windows = n_tokens // ctx`, at most `--chunks`); at least two
+   windows' worth of tokens must exist, as in llama.cpp.
+3. Where the vocabulary adds BOS, the first token of every window is replaced by BOS.
+4. In each window only the second half is scored: the logits at positions ctx/2 … ctx−2 predict
+   the tokens at positions ctx/2+1 … ctx−1, so ctx − 1 − ctx/2 tokens per window
+   (255 for ctx 512), each seeing every earlier token of its window.
+5. PPL = exp(mean NLL over all scored tokens). The ± is the standard error of the mean NLL,
+   sqrt(var(NLL) / (n − 1)), carried through exp (× PPL), exactly as llama.cpp prints it. It
+   treats tokens as independent, so it understates the true uncertainty somewhat.
+
+Worked example: 2,000 tokens and ctx 512 give 3 windows (tokens 0–511, 512–1023, 1024–1535;
+the last 464 are unused) and 3 × 255 = 765 scored tokens.
+
+`max_tokens=N` reproduces the original Q-PSA study's short evaluation instead: the first N tokens
+(BOS included where the vocabulary adds it) form one window of N tokens and every token after the
+first is scored (N − 1 predictions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from qpsa.errors import QpsaError
+from qpsa.model.tokenizer import Tokenizer
+from qpsa.model.transformer import Transformer
+
+
+@dataclass
+class Windows:
+    tokens: torch.Tensor  # (N, T) token ids, BOS already in place
+    score_from: int  # first position whose logits are scored (predicting the token after it)
+    description: str
+
+    @property
+    def n_scored(self) -> int:
+        return self.tokens.shape[0] * (self.tokens.shape[1] - 1 - self.score_from)
+
+
+def make_windows(
+    tokenizer: Tokenizer, text: str, ctx: int = 512, chunks: int | None = None, max_tokens: int | None = None,
+    context_length: int | None = None,
+) -> Windows:
+    """Token windows for perplexity, per the protocol in this module's docstring."""
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise QpsaError(f"--max-tokens must be at least 2 (got {max_tokens})")
+        if context_length and max_tokens > context_length:
+            raise QpsaError(f"--max-tokens {max_tokens} exceeds the model's context length {context_length}")
+    else:
+        if ctx < 2:
+            raise QpsaError(f"--ctx must be at least 2 (got {ctx})")
+        if context_length and ctx > context_length:
+            raise QpsaError(f"--ctx {ctx} exceeds the model's context length {context_length}")
+        if chunks is not None and chunks <= 0:
+            raise QpsaError(f"--chunks must be positive (got {chunks})")
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos)
+    if max_tokens is not None:
+        if len(ids) < max_tokens:
+            raise QpsaError(f"the text has {len(ids)} tokens, fewer than --max-tokens {max_tokens}")
+        window = torch.tensor(ids[:max_tokens])[None]  # (1, N)
+        return Windows(window, 0, f"first {max_tokens} tokens as one window, all {max_tokens - 1} predictions scored")
+    n_available = len(ids) // ctx
+    if len(ids) < 2 * ctx:
+        raise QpsaError(f"the text has {len(ids)} tokens; --ctx {ctx} needs at least {2 * ctx}")
+    n = n_available if chunks is None else chunks
+    if n > n_available:
+        raise QpsaError(f"the text has {len(ids)} tokens: {n_available} windows of {ctx}, fewer than --chunks {n}")
+    windows = torch.tensor(ids[: n * ctx]).view(n, ctx)  # (N, T)
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        windows[:, 0] = tokenizer.bos_id
+    return Windows(windows, ctx // 2, f"{n} windows of {ctx} tokens, second half scored ({ctx - 1 - ctx // 2} each)")
+
+
+def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:
+    """NLL (float64) of each scored token of one window (T,): logits at score_from … T−2."""
+    with torch.inference_mode():
+        positions = torch.arange(window.shape[0])
+        h = model.run_layers(model.embed(window[None]), range(model.config.n_layer), positions)  # (1, T, C)
+        logits = model.logits(h[:, score_from:-1])[0]  # (S, V)
+        return F.cross_entropy(logits.float(), window[score_from + 1 :], reduction="none").double()  # (S,)
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    ppl_se: float  # standard error of PPL (llama.cpp's ±)
+    nll: float  # mean NLL per scored token, nats
+    nll_se: float
+    n_scored: int
+    n_windows: int
+    ctx: int
+    windows: str  # how the text was windowed
+    running: list[dict] = field(default_factory=list)  # per window: cumulative ppl and se so far
+    seconds: float = 0.0
+    seconds_per_window: float = 0.0
+    tokens_per_second: float = 0.0  # tokens passed through the model per second
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(nll: torch.Tensor) -> tuple[float, float, float, float]:
+    """(ppl, ppl_se, mean_nll, nll_se) from token NLLs, as llama.cpp computes them."""
+    n = nll.numel()
+    mean = float(nll.mean())
+    var = float((nll**2).mean()) - mean * mean
+    se = math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0
+    ppl = math.exp(mean)
+    return ppl, se * ppl, mean, se
+
+
+def perplexity(
+    model: Transformer, windows: Windows, progress: Callable[[int, int, float], None] | None = None
+) -> PerplexityResult:
+    """Run every window; `progress(done, total, running_ppl)` is called after each."""
+    start = time.perf_counter()
+    nlls, running = [], []
+    n, T = windows.tokens.shape
+    for i in range(n):
+        nlls.append(token_nll(model, windows.tokens[i], windows.score_from))
+        ppl, se, _, _ = summarize(torch.cat(nlls))
+        running.append({"window": i + 1, "ppl": ppl, "ppl_se": se})
+        if progress:
+            progress(i + 1, n, ppl)
+    seconds = time.perf_counter() - start
+    ppl, ppl_se, nll, nll_se = summarize(torch.cat(nlls))
+    return PerplexityResult(
+        ppl=ppl, ppl_se=ppl_se, nll=nll, nll_se=nll_se, n_scored=windows.n_scored, n_windows=n, ctx=T,
+        windows=windows.description, running=running, seconds=seconds, seconds_per_window=seconds / n,
+        tokens_per_second=n * T / seconds,
+    )

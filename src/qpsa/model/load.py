@@ -1,0 +1,94 @@
+"""GGUF file -> (Transformer, Tokenizer), with every weight still reachable in its quantization grid.
+
+    loaded = load_model("smollm2-135m")
+    loaded.model(tokens)                          # logits
+    loaded.file.tensors["blk.0.attn_q.weight"]    # the quantized record behind a weight
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpsa.catalog import resolve_model
+from qpsa.errors import QpsaError
+from qpsa.gguf.read import GGUFFile, open_gguf
+from qpsa.model.config import ModelConfig, config_from_metadata
+from qpsa.model.tokenizer import Tokenizer, load_tokenizer
+from qpsa.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user asked for (short name or path)
+    file: GGUFFile
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    load_seconds: float
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
+    start = time.perf_counter()
+    gguf_file = open_gguf(resolve_model(name_or_path))
+    tensors = gguf_file.tensors
+    vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
+    config = config_from_metadata(gguf_file.metadata, vocab_size=vocab)
+    _check_tensors(gguf_file, config)
+    weights = {name: torch.from_numpy(np.array(t.dequantize(), dtype=np.float32)) for name, t in tensors.items()}
+    model = Transformer(config, weights, dtype=dtype)
+    tok = load_tokenizer(gguf_file.metadata, gguf_file.sha256) if tokenizer else None
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise QpsaError(
+            f"{gguf_file.path}: tokenizer has {tok.vocab_size} tokens but token_embd has {config.vocab_size} rows"
+        )
+    seconds = time.perf_counter() - start
+    log.info("loaded %s in %.2f s", gguf_file.path, seconds)
+    return LoadedModel(name_or_path, gguf_file, config, model, tok, seconds)
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward needs, with its shape in numpy order (rows, row length)."""
+    c = config
+    q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    shapes = {"token_embd.weight": (c.vocab_size, c.n_embd), "output_norm.weight": (c.n_embd,)}
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (c.n_embd,),
+            p + "attn_q.weight": (q, c.n_embd),
+            p + "attn_k.weight": (kv, c.n_embd),
+            p + "attn_v.weight": (kv, c.n_embd),
+            p + "attn_output.weight": (c.n_embd, q),
+            p + "ffn_norm.weight": (c.n_embd,),
+            p + "ffn_gate.weight": (c.n_ff, c.n_embd),
+            p + "ffn_up.weight": (c.n_ff, c.n_embd),
+            p + "ffn_down.weight": (c.n_embd, c.n_ff),
+        }
+        if c.qk_norm:
+            shapes |= {p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)}
+        if c.post_norms:
+            shapes |= {p + "post_attention_norm.weight": (c.n_embd,), p + "post_ffw_norm.weight": (c.n_embd,)}
+    return shapes
+
+
+def _check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> None:
+    have = gguf_file.tensors
+    for name, shape in expected_tensors(config).items():
+        if name not in have:
+            raise QpsaError(f"{gguf_file.path}: tensor {name} is missing (a {config.arch} model needs it)")
+        if tuple(have[name].shape) != shape:
+            raise QpsaError(f"{gguf_file.path}: tensor {name} has shape {have[name].shape}, expected {shape}")
+    if "output.weight" in have and tuple(have["output.weight"].shape) != (config.vocab_size, config.n_embd):
+        raise QpsaError(f"{gguf_file.path}: output.weight has shape {have['output.weight'].shape}")

@@ -1,0 +1,121 @@
+"""llama.cpp as a reference, through llama-cpp-python (optional: `pip install llama-cpp-python`).
+
+Used by tests and benchmarks to check q-psa against llama.cpp on the same file and text:
+token ids, and perplexity computed with llama-perplexity's own protocol (only the scored half of
+each window asks for logits, BOS replaces each window's first token where the vocabulary adds it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qpsa.errors import QpsaError
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise QpsaError("the llama.cpp reference needs llama-cpp-python: pip install llama-cpp-python") from None
+    return llama_cpp
+
+
+@dataclass
+class LlamaCppPerplexity:
+    ppl: float
+    ppl_se: float
+    n_windows: int
+    seconds_per_window: float
+    token_nll: np.ndarray  # (n_scored,) float64
+
+
+class LlamaCpp:
+    """A llama.cpp model and context with `ctx` positions, on `threads` CPU threads."""
+
+    def __init__(self, path, ctx: int = 512, threads: int | None = None):
+        lc = self.lc = _llama_cpp()
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise QpsaError(f"{path}: llama.cpp could not load it")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = ctx
+        cparams.n_batch = ctx
+        cparams.n_ubatch = ctx
+        cparams.n_seq_max = 1
+        threads = threads or os.cpu_count()
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self.ctx_ptr = lc.llama_init_from_model(self.model, cparams)
+        self.n_ctx = ctx
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
+        self.bos = lc.llama_vocab_bos(self.vocab)
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise QpsaError("llama.cpp tokenization failed")
+        return list(buf[:n])
+
+    def window_logits(self, tokens: list[int], first: int) -> np.ndarray:
+        """Logits (len(tokens) - first, V) for positions first … end, on a cleared cache."""
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx_ptr), True)
+        n = len(tokens)
+        batch = lc.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i] = tok
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i >= first
+            batch.n_tokens = n
+            if lc.llama_decode(self.ctx_ptr, batch) != 0:
+                raise QpsaError("llama.cpp decode failed")
+            out = np.empty((n - first, self.n_vocab), dtype=np.float32)
+            for j, i in enumerate(range(first, n)):
+                ptr = lc.llama_get_logits_ith(self.ctx_ptr, i)
+                out[j] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,))
+            return out
+        finally:
+            lc.llama_batch_free(batch)
+
+    def perplexity(self, text: str, chunks: int | None = None) -> LlamaCppPerplexity:
+        """llama-perplexity's protocol over windows of n_ctx tokens."""
+        ctx = self.n_ctx
+        ids = self.tokenize(text, self.add_bos)
+        n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
+        first = ctx // 2
+        nlls, seconds = [], 0.0
+        for w in range(n):
+            window = ids[w * ctx : (w + 1) * ctx]
+            if self.add_bos:
+                window[0] = self.bos
+            t = time.perf_counter()
+            logits = self.window_logits(window, first)[:-1].astype(np.float64)  # (S, V)
+            seconds += time.perf_counter() - t
+            targets = np.array(window[first + 1 :])
+            m = logits.max(axis=1, keepdims=True)
+            logz = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+            nlls.append(logz - logits[np.arange(len(targets)), targets])
+        nll = np.concatenate(nlls)
+        mean = float(nll.mean())
+        var = float((nll**2).mean() - mean * mean)
+        ppl = math.exp(mean)
+        return LlamaCppPerplexity(ppl, math.sqrt(var / (len(nll) - 1)) * ppl, n, seconds / n, nll)
+
+    def close(self):
+        self.lc.llama_free(self.ctx_ptr)
+        self.lc.llama_model_free(self.model)
