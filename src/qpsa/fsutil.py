@@ -30,6 +30,6 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 def cache_root() -> Path:
     """Where q-psa keeps derived files (tokenizers, hashes, downloads): $QPSA_CACHE, else ~/.cache/q-psa."""
-    root = Path(os.environ.get("QPSA_CACHE") or Path.home() / ".cache" / "q-psa")
+    root = Path(os.environ.get("QPSA_CACHE") or Path.home() / ".cache" / "q-psa").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
