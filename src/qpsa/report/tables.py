@@ -1,0 +1,66 @@
+"""Console rendering of results (computes nothing)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from qpsa.eval.perplexity import PerplexityResult
+from qpsa.inspect import ModelReport
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def model_report(console: Console, r: ModelReport) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    arch = r.architecture + ("" if r.supported else "  (not supported by q-psa's engine)")
+    for label, value in (
+        ("file", r.path), ("size", f"{_bytes(r.file_size)} ({r.file_size:,} bytes)"), ("sha256", r.sha256),
+        ("name", r.name or "-"), ("architecture", arch), ("GGUF version", r.gguf_version),
+        ("layers", r.n_layer), ("heads / KV heads", f"{r.n_head} / {r.n_head_kv}"),
+        ("embedding size", r.n_embd), ("FFN size", r.n_ff), ("vocabulary", r.vocab_size),
+        ("context length", r.context_length),
+        ("weights", f"{r.n_weights:,} at {r.bits_per_weight:.3f} bits per weight"),
+    ):
+        summary.add_row(label, str(value))
+    console.print(summary)
+
+    tensors = Table(title="Tensors (shape rows × row length)")
+    for col, justify in (("name", "left"), ("shape", "right"), ("type", "left"), ("bytes", "right"), ("bits/weight", "right")):
+        tensors.add_column(col, justify=justify)
+    for t in r.tensors:
+        tensors.add_row(t.name, " × ".join(map(str, t.shape)), t.type, f"{t.bytes:,}", f"{t.bits_per_weight:.3f}")
+    console.print(tensors)
+
+    layers = Table(title="Per-layer totals")
+    for col, justify in (("layer", "right"), ("tensors", "right"), ("weights", "right"), ("bytes", "right"),
+                         ("bits/weight", "right"), ("types (share of weights)", "left")):
+        layers.add_column(col, justify=justify)
+    for lt in r.layers:
+        types = ", ".join(f"{k} {v / lt.n_weights:.0%}" for k, v in sorted(lt.types.items(), key=lambda kv: -kv[1]))
+        layers.add_row(str(lt.layer), str(lt.n_tensors), f"{lt.n_weights:,}", f"{lt.bytes:,}",
+                       f"{lt.bits_per_weight:.3f}", types)
+    console.print(layers)
+
+
+def perplexity_report(console: Console, r: PerplexityResult) -> None:
+    running = Table(title="Running perplexity (cumulative over windows so far)")
+    running.add_column("window", justify="right")
+    running.add_column("PPL", justify="right")
+    running.add_column("± se", justify="right")
+    step = max(1, len(r.running) // 20)  # at most ~20 rows; the last one always
+    for row in r.running:
+        if row["window"] % step == 0 or row["window"] == len(r.running):
+            running.add_row(str(row["window"]), f"{row['ppl']:.4f}", f"{row['ppl_se']:.4f}")
+    console.print(running)
+    console.print(f"[bold]PPL = {r.ppl:.4f} ± {r.ppl_se:.4f}[/]  (mean NLL {r.nll:.5f} ± {r.nll_se:.5f} nats "
+                  f"over {r.n_scored:,} scored tokens; ± is one standard error)")
+    console.print(f"{r.n_windows} windows of {r.ctx} tokens in {r.seconds:.1f} s: "
+                  f"{r.seconds_per_window:.3f} s per window, {r.tokens_per_second:.0f} tokens/s")
