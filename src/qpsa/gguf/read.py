@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
@@ -59,6 +60,12 @@ class GGUFTensor:
         if self.qtype == GGMLQuantizationType.F32:
             return self.raw.view(np.float32).reshape(self.shape)
         return dequantize(self.blocks, self.qtype).reshape(self.shape).astype(np.float32, copy=False)
+
+    def to_torch(self) -> torch.Tensor:
+        """The same values as `dequantize()`, computed by q-psa's faster torch dequantizers."""
+        from qpsa.gguf.dequant import dequantize as fast_dequantize
+
+        return fast_dequantize(self.raw, self.qtype, self.shape)
 
     def grid(self):
         from qpsa.gguf.quants import grid_for

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qpsa.catalog import resolve_model
@@ -46,7 +45,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer:
     vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
     config = config_from_metadata(gguf_file.metadata, vocab_size=vocab)
     _check_tensors(gguf_file, config)
-    weights = {name: torch.from_numpy(np.array(t.dequantize(), dtype=np.float32)) for name, t in tensors.items()}
+    weights = {name: t.to_torch() for name, t in tensors.items()}
     model = Transformer(config, weights, dtype=dtype)
     tok = load_tokenizer(gguf_file.metadata, gguf_file.sha256) if tokenizer else None
     if tok is not None and tok.vocab_size > config.vocab_size:
