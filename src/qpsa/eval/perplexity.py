@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qpsa.errors import QpsaError
 from qpsa.model.tokenizer import Tokenizer
@@ -86,11 +85,24 @@ def make_windows(
 
 def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:
     """NLL (float64) of each scored token of one window (T,): logits at score_from … T−2."""
+    T = window.shape[0]
     with torch.inference_mode():
-        positions = torch.arange(window.shape[0])
+        positions = torch.arange(T)
         h = model.run_layers(model.embed(window[None]), range(model.config.n_layer), positions)  # (1, T, C)
-        logits = model.logits(h[:, score_from:-1])[0]  # (S, V)
-        return F.cross_entropy(logits.float(), window[score_from + 1 :], reduction="none").double()  # (S,)
+        logits = model.logits(h[:, score_from:-1], out=_head_buffer(model, T - 1 - score_from))[0]  # (S, V)
+        targets = window[score_from + 1 :, None]  # (S, 1)
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets)[:, 0]  # (S,)
+        return nll.double()
+
+
+def _head_buffer(model: Transformer, n: int) -> torch.Tensor:
+    """One logits buffer per model and window shape, reused across windows."""
+    key = (n, model.config.vocab_size, model.dtype)
+    cache = model.__dict__.setdefault("_head_buffers", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = torch.empty(1, n, model.config.vocab_size, dtype=model.dtype)
+    return cache[key]
 
 
 @dataclass

@@ -35,6 +35,11 @@ class Transformer:
         if "output.weight" not in self.weights:  # tied embeddings: the head reuses token_embd
             self.weights["output.weight"] = self.weights["token_embd.weight"]
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Optional `hook(layer, name, x, y) -> y`, called after each of a layer's matmuls with the
+        # fused weight's name ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down"), its input
+        # x (B, T, in) and output y (B, T, out). Scoring uses it to give each batch element its own
+        # weight perturbation without copying the weights.
+        self.linear_hook = None
         self._rope_freqs = self.weights.get("rope_freqs.weight")
 
     # ---- weights -------------------------------------------------------------------------
@@ -79,7 +84,7 @@ class Transformer:
         H, K, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
 
         x = self._norm(h, w[p + "attn_norm.weight"])
-        qkv = F.linear(x, w[p + "attn_qkv.weight"], w.get(p + "attn_qkv.bias"))  # (B, T, (H+2K)·D)
+        qkv = self._linear(i, "attn_qkv", x)  # (B, T, (H+2K)·D)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D)
         k = k.view(B, T, K, D)
@@ -96,15 +101,15 @@ class Transformer:
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=cfg.scale, enable_gqa=H != K
         )  # (B, H, T, D)
-        att = F.linear(att.transpose(1, 2).reshape(B, T, H * D), w[p + "attn_output.weight"])  # (B, T, C)
+        att = self._linear(i, "attn_output", att.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
         if cfg.post_norms:
             att = self._norm(att, w[p + "post_attention_norm.weight"])
         h = h + att
 
         x = self._norm(h, w[p + "ffn_norm.weight"])
-        gate, up = F.linear(x, w[p + "ffn_gate_up.weight"]).chunk(2, dim=-1)  # (B, T, F) each
+        gate, up = self._linear(i, "ffn_gate_up", x).chunk(2, dim=-1)  # (B, T, F) each
         act = F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")
-        out = F.linear(act * up, w[p + "ffn_down.weight"])  # (B, T, C)
+        out = self._linear(i, "ffn_down", act * up)  # (B, T, C)
         if cfg.post_norms:
             out = self._norm(out, w[p + "post_ffw_norm.weight"])
         return h + out
@@ -114,10 +119,14 @@ class Transformer:
             h = self.block(i, h, positions)
         return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and output head: (B, T, C) -> (B, T, V)."""
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and output head: (B, T, C) -> (B, T, V), written into `out` if given
+        (reusing one buffer avoids re-faulting hundreds of MB per window on large vocabularies)."""
         x = self._norm(h, self.weights["output_norm.weight"])
-        out = F.linear(x, self.weights["output.weight"])
+        if out is None:
+            out = F.linear(x, self.weights["output.weight"])
+        else:
+            torch.matmul(x, self.weights["output.weight"].t(), out=out)
         cap = self.config.final_logit_softcap
         if cap:
             out = torch.tanh(out / cap) * cap
@@ -143,6 +152,21 @@ class Transformer:
     __call__ = forward
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        p = f"blk.{i}.{name}."
+        y = F.linear(x, self.weights[p + "weight"], self.weights.get(p + "bias"))
+        return y if self.linear_hook is None else self.linear_hook(i, name, x, y)
+
+    def fused_rows(self, i: int, name: str) -> tuple[str, int]:
+        """(fused weight name, first row) for a per-matrix name such as "attn_k" in layer i."""
+        for fused, parts in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up"))):
+            if name in parts:
+                start = 0
+                for part in parts[: parts.index(name)]:
+                    start += self.weights[f"blk.{i}.{part}.weight"].shape[0]
+                return fused, start
+        return name, 0
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.config.norm_eps)

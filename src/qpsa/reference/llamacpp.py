@@ -18,11 +18,18 @@ import numpy as np
 from qpsa.errors import QpsaError
 
 
+_SILENCE = None  # the ctypes log callback must outlive every call into llama.cpp
+
+
 def _llama_cpp():
+    global _SILENCE
     try:
         import llama_cpp
     except ImportError:
         raise QpsaError("the llama.cpp reference needs llama-cpp-python: pip install llama-cpp-python") from None
+    if _SILENCE is None:  # llama.cpp logs every tensor to stderr; keep the benchmarks readable
+        _SILENCE = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_SILENCE, ctypes.c_void_p(0))
     return llama_cpp
 
 

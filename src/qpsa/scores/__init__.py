@@ -1,0 +1,1 @@
+"""Layer-importance methods, registered by name. Each is `method(loaded, tokens, settings) -> LayerScores`."""
