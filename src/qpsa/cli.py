@@ -72,14 +72,18 @@ def models(as_json: JsonOpt = False):
 def inspect(
     model: ModelArg,
     layer: Annotated[Optional[int], typer.Option(help="show only this layer's tensors")] = None,
+    check_tensors: Annotated[bool, typer.Option(help="also scan tensor values and block scales for NaN/Inf")] = False,
     as_json: JsonOpt = False,
 ):
     """Architecture, sizes, and every tensor's shape, type, bytes and bits per weight."""
     from qpsa.catalog import resolve_model
     from qpsa.gguf.read import open_gguf
+    from qpsa.gguf.validate import check_tensor_values
     from qpsa.inspect import inspect_file
 
     gguf_file = open_gguf(resolve_model(model))
+    if check_tensors:
+        check_tensor_values(gguf_file.path, gguf_file.layout)
     n_layer = gguf_file.metadata.get(f"{gguf_file.arch}.block_count")
     if layer is not None and (not isinstance(n_layer, int) or not 0 <= layer < n_layer):
         raise QpsaError(f"--layer {layer} is out of range: the model has {n_layer} layers (0..{(n_layer or 1) - 1})")
@@ -101,6 +105,9 @@ def ppl(
     max_tokens: Annotated[
         Optional[int], typer.Option(help="the original study's protocol: the first N tokens as one window, all scored")
     ] = None,
+    check_tensors: Annotated[
+        bool, typer.Option(help="scan tensor values and block scales for NaN/Inf before running")
+    ] = True,
     as_json: JsonOpt = False,
 ):
     """Perplexity with llama.cpp's protocol: windows of --ctx tokens, BOS first, second half scored."""
@@ -110,7 +117,7 @@ def ppl(
 
     _check_positive(ctx=ctx, chunks=chunks, max_tokens=max_tokens)
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model)
+    loaded = load_model(model, check_tensors=check_tensors)
     windows = make_windows(loaded.tokenizer, eval_text.text, ctx, chunks, max_tokens, loaded.config.context_length)
     console = _console()
     if not as_json:

@@ -17,6 +17,7 @@ import torch
 from qpsa.catalog import resolve_model
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile, open_gguf
+from qpsa.gguf.validate import check_tensor_values
 from qpsa.model.config import ModelConfig, config_from_metadata
 from qpsa.model.tokenizer import Tokenizer, load_tokenizer
 from qpsa.model.transformer import Transformer
@@ -38,9 +39,16 @@ class LoadedModel:
         return self.file.path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True, check_tensors: bool = True
+) -> LoadedModel:
+    """Validate, read and dequantize a model. `check_tensors` scans float tensors and every
+    quantized block's scales for NaN/Inf first (a fraction of a second on the bundled models), so
+    a damaged file is named, with the tensor and block, before any long computation."""
     start = time.perf_counter()
     gguf_file = open_gguf(resolve_model(name_or_path))
+    if check_tensors:
+        check_tensor_values(gguf_file.path, gguf_file.layout)
     tensors = gguf_file.tensors
     vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
     config = config_from_metadata(gguf_file.metadata, vocab_size=vocab)

@@ -1,0 +1,267 @@
+"""The PyTorch transformer against transformers' model of the same GGUF file, on tiny random models.
+
+Each test writes a tiny GGUF (tests/tiny.py), loads it with q-psa and builds the reference from the
+same file with transformers' GGUF loader (its own dequantization, and llama's q/k un-permuted for
+its rotate-half rope, as llama.cpp's converter permuted them). transformers would need `accelerate`
+for `from_pretrained(gguf_file=...)`, so the reference model is made from the config it reads
+from the file and filled with `load_gguf_checkpoint`, which is what `from_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from qpsa.errors import QpsaError
+from qpsa.model.load import load_model
+from qpsa.model.transformer import Transformer
+from tiny import write_tiny_gguf
+
+transformers = pytest.importorskip("transformers")
+
+T = 24  # tokens per sequence; gemma3's tiny sliding window is 8, so it matters
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These matrices are tiny: on a busy machine, thread hand-offs cost ~30 ms per matmul.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tokens_for(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(path, layers=None):
+    """transformers' model of the GGUF file at `path` (float32, eval), running `layers` in order."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    kwargs = {}
+    loaded = load_model(str(path), tokenizer=False)
+    if loaded.config.arch == "gemma3":
+        # llama.cpp scales gemma3's q·k by 1/sqrt(head_dim) (all sizes but 27B); transformers'
+        # default query_pre_attn_scalar (256) is the head_dim of the 1B/4B checkpoints.
+        kwargs["query_pre_attn_scalar"] = loaded.config.head_dim
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert missing == (["lm_head.weight"] if config.tie_word_embeddings else []), missing
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if layers is not None:
+        blocks = model.model.layers
+        model.model.layers = torch.nn.ModuleList([blocks[i] for i in layers])
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in layers]
+        config.num_hidden_layers = len(layers)
+    return model.eval()
+
+
+def hf_logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens, use_cache=False).logits
+
+
+def manual(model: Transformer, tokens, layers) -> torch.Tensor:
+    """The forward spelled out from the public pieces."""
+    positions = torch.arange(tokens.shape[1])
+    h = model.embed(tokens)
+    for i in layers:
+        h = model.block(i, h, positions)
+    return model.logits(h)
+
+
+# -- logits against transformers ---------------------------------------------------------------
+
+CASES = [
+    *[("llama", q, True) for q in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)],
+    ("llama", Q.F32, False),
+    *[("qwen2", q, True) for q in (Q.F32, Q.Q8_0)],
+    ("qwen2", Q.Q4_1, False),
+    *[("gemma3", q, True) for q in (Q.F32, Q.Q8_0)],
+    ("gemma3", Q.Q5_0, False),
+]
+
+
+@pytest.mark.parametrize(
+    "arch, qtype, tied", CASES, ids=[f"{a}-{q.name}{'' if t else '-untied'}" for a, q, t in CASES]
+)
+def test_logits_match_transformers(tmp_path, arch, qtype, tied):
+    # gemma3 with 6 layers: layers 0-4 sliding-window (local rope base), layer 5 global
+    n_layer = 6 if arch == "gemma3" else 2
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=qtype, tied=tied, n_layer=n_layer, seed=1)
+    loaded = load_model(str(path))
+    if arch == "gemma3":
+        assert loaded.config.swa_layers == (True,) * 5 + (False,)
+        assert loaded.config.head_dim * loaded.config.n_head != loaded.config.n_embd
+    assert ("output.weight" in loaded.file.tensors) == (not tied)
+    tokens = tokens_for(loaded.config.vocab_size)
+    logits = loaded.model(tokens)
+    assert logits.shape == (2, T, loaded.config.vocab_size) and logits.dtype == torch.float32
+    assert logits.std() > 0.5  # not a degenerate model
+    torch.testing.assert_close(logits, hf_logits(hf_model(path), tokens), atol=ATOL, rtol=RTOL)
+
+
+def test_sliding_window_matters(tmp_path):
+    narrow = load_model(str(write_tiny_gguf(tmp_path / "a.gguf", "gemma3")))
+    wide = load_model(str(write_tiny_gguf(tmp_path / "b.gguf", "gemma3", **{"attention.sliding_window": 64})))
+    tokens = tokens_for(narrow.config.vocab_size)
+    a, b = narrow.model(tokens), wide.model(tokens)
+    window = narrow.config.sliding_window
+    torch.testing.assert_close(a[:, :window], b[:, :window], atol=1e-5, rtol=1e-5)
+    assert (a[:, window:] - b[:, window:]).abs().amax(-1).min() > 1e-3  # every later position
+
+
+# -- layer lists ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("layers", [[0, 2], [0, 1, 1, 2], [2, 0]], ids=["skip1", "repeat1", "reorder"])
+def test_layer_list(tmp_path, arch, layers):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, n_layer=3, qtype=Q.Q8_0)
+    model = load_model(str(path)).model
+    tokens = tokens_for(model.config.vocab_size, seed=2)
+    logits = model(tokens, layers=layers)
+    torch.testing.assert_close(logits, manual(model, tokens, layers), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, hf_logits(hf_model(path, layers), tokens), atol=ATOL, rtol=RTOL)
+    assert (logits - model(tokens)).abs().max() > 1e-2  # the change is visible
+
+
+def test_repeated_layer_is_block_applied_twice(tmp_path):
+    model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", "llama"))).model
+    tokens = tokens_for(model.config.vocab_size)
+    positions = torch.arange(T)
+    h = model.block(0, model.embed(tokens), positions)
+    h = model.block(1, model.block(1, h, positions), positions)
+    torch.testing.assert_close(model(tokens, layers=[0, 1, 1]), model.logits(h), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arch, qtype", [("llama", Q.F32), ("llama", Q.Q4_1), ("qwen2", Q.Q5_0), ("gemma3", Q.Q8_0)]
+)
+def test_identity_layer_removed_changes_nothing(tmp_path, arch, qtype):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, n_layer=3, qtype=qtype, identity_layer=1)
+    loaded = load_model(str(path))
+    assert not loaded.model.weights["blk.1.ffn_down.weight"].any()
+    assert not loaded.model.weights["blk.1.attn_output.weight"].any()
+    tokens = tokens_for(loaded.config.vocab_size)
+    full = loaded.model(tokens)
+    torch.testing.assert_close(loaded.model(tokens, layers=[0, 2]), full, atol=1e-6, rtol=0)
+    assert (loaded.model(tokens, layers=[0]) - full).abs().max() > 1e-2  # layer 2 is no identity
+
+
+# -- logits_from, dtype --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_logits_from(tmp_path, arch):
+    model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", arch))).model
+    tokens = tokens_for(model.config.vocab_size)
+    full = model(tokens)
+    for k in (0, 1, 12, T - 1):
+        part = model(tokens, logits_from=k)
+        assert part.shape == (2, T - k, model.config.vocab_size)
+        torch.testing.assert_close(part, full[:, k:], atol=1e-5, rtol=1e-5)  # other matmul blocking
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_float64_matches_float32(tmp_path, arch):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=Q.Q4_0)
+    f32 = load_model(str(path))
+    f64 = load_model(str(path), dtype=torch.float64, tokenizer=False)
+    assert f64.tokenizer is None
+    tokens = tokens_for(f32.config.vocab_size)
+    out32, out64 = f32.model(tokens), f64.model(tokens)
+    assert out64.dtype == torch.float64
+    assert all(w.dtype == torch.float64 for w in f64.model.weights.values())
+    torch.testing.assert_close(out32.double(), out64, atol=1e-5, rtol=1e-5)
+    # the constructor, from the file's float32 weights
+    weights = {name: t.to_torch() for name, t in f32.file.tensors.items()}
+    again = Transformer(f32.config, weights, dtype=torch.float64)(tokens)
+    torch.testing.assert_close(again, out64, atol=1e-12, rtol=1e-12)
+
+
+def test_weights_are_views_into_the_fused_matrices(tmp_path):
+    model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", "qwen2", n_layer=1))).model
+    tokens = tokens_for(model.config.vocab_size)
+    before = model(tokens)
+    model.weights["blk.0.attn_k.weight"].mul_(0.5)
+    model.weights["blk.0.attn_v.bias"].add_(0.5)
+    model.weights["blk.0.ffn_up.weight"].mul_(2.0)
+    assert (model(tokens) - before).abs().max() > 1e-2
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+
+TEXTS = ["hello world", "the hello and world", "Hello, World! the end.", "héllo wörld — ok?", "  two  spaces\n"]
+
+
+def hf_tokenizer(path):
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_tokenizer_matches_transformers(tmp_path, arch):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch)
+    tok = load_model(str(path)).tokenizer
+    ref = hf_tokenizer(path)
+    assert len(tok.encode("hello world")) == 2  # the merges are used
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == text
+    assert tok.add_bos == (arch == "gemma3")
+    if arch == "gemma3":
+        assert tok.bos_id == 2 and tok.eos_id == 1
+        assert tok.encode("hello world", bos=True) == ref("hello world").input_ids
+    # the second load reads the cached tokenizer and gives the same ids
+    cached = load_model(str(path)).tokenizer
+    assert [cached.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+
+
+def test_smollm_splits_digits_like_llama_cpp(tmp_path):
+    # llama.cpp's "smollm" pre-tokenizer cuts every digit apart before the BPE merges
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama")
+    tok = load_model(str(path)).tokenizer
+    vocab = tok.backend.get_vocab()
+    assert "12" in vocab
+    assert tok.encode("x12") == [vocab["x"], vocab["1"], vocab["2"]]
+
+
+@pytest.mark.parametrize(
+    "arch, lookalike, special_id", [("gemma3", "<bos>", 2), ("gemma3", "<eos>", 1), ("llama", "<|im_start|>", 1)]
+)
+def test_control_token_lookalikes_are_text(tmp_path, arch, lookalike, special_id):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch)
+    tok = load_model(str(path)).tokenizer
+    text = f"{lookalike}hello world"
+    assert special_id in hf_tokenizer(path).encode(text, add_special_tokens=False)  # it is a control token
+    ids = tok.encode(text)
+    assert special_id not in ids
+    assert len(ids) > 3 and tok.decode(ids) == text
+    assert tok.encode(text, bos=True).count(tok.bos_id) == 1
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", "falcon")
+    with pytest.raises(QpsaError) as e:
+        load_model(str(path))
+    message = str(e.value)
+    assert "falcon" in message
+    assert all(arch in message for arch in ("llama", "qwen2", "gemma3"))
