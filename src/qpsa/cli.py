@@ -151,10 +151,49 @@ def download(
     print(path)
 
 
+from qpsa.scores.baseline_command import BASELINE_CONTEXT, agreement, baseline  # noqa: E402
+
+app.command(context_settings=BASELINE_CONTEXT)(baseline)
+app.command()(agreement)
+
+
 def _check_positive(**values) -> None:
     for name, v in values.items():
         if v is not None and (v <= 0 or (isinstance(v, float) and not math.isfinite(v))):
             raise QpsaError(f"--{name.replace('_', '-')} must be a positive number (got {v})")
+
+
+from qpsa.prune_command import loop, prune  # noqa: E402
+
+app.command()(prune)
+app.command()(loop)
+
+# Options that take several values: `--k 1 2 4` is read as `--k 1 --k 2 --k 4`.
+MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma")
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    out, current = [], None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            out.append(arg)
+            continue
+        looks_like_value = not arg.startswith("-") or arg[1:2].isdigit() or arg[1:2] == "."
+        if current and looks_like_value and out and out[-1] != current:
+            out += [current, arg]  # a further value of the same option
+            continue
+        if current and not looks_like_value:
+            current = None
+        elif current and out and out[-1] == current:
+            pass  # the first value right after the option
+        out.append(arg)
+    return out
+
+
+from qpsa.scores.score_command import score  # noqa: E402
+
+app.command()(score)
 
 
 def _cli_exceptions() -> tuple[type, ...]:
@@ -173,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="q-psa", standalone_mode=False)
+        args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+        result = command.main(args=args, prog_name="q-psa", standalone_mode=False)
     except QpsaError as e:
         print(f"q-psa: error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,8 @@ class GGUFLayout:
     file_size: int
     metadata: dict[str, object]  # strings as str, arrays as lists, bools as bool
     tensors: list[TensorLayout]  # in file order
+    # key -> (GGUFValueType, element GGUFValueType for arrays else None): enough to write it back
+    value_types: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
 def validate_gguf(path, *, max_string: int = MAX_STRING_VALUE, max_array: int = MAX_ARRAY_LENGTH) -> GGUFLayout:
@@ -200,15 +202,16 @@ class _HeaderParser:
         if tensor_count * MIN_TENSOR_INFO_SIZE > self.remaining():
             self.fail("tensor_count", 8, f"{tensor_count} tensor infos cannot fit in the {self.remaining()} bytes after the header")
 
-        metadata, alignment_entry = self.parse_metadata(kv_count)
+        metadata, alignment_entry, value_types = self.parse_metadata(kv_count)
         tensor_infos = self.parse_tensor_infos(tensor_count)
         alignment = self.check_alignment(alignment_entry)
         data_offset = -(-self.pos // alignment) * alignment
         tensors = self.place_tensors(tensor_infos, data_offset, alignment)
-        return GGUFLayout(self.path, version, alignment, data_offset, self.size, metadata, tensors)
+        return GGUFLayout(self.path, version, alignment, data_offset, self.size, metadata, tensors, value_types)
 
     def parse_metadata(self, kv_count: int):
         metadata: dict[str, object] = {}
+        value_types: dict[str, tuple[int, int | None]] = {}
         alignment_entry = None  # (value type, byte offset of the value) of general.alignment
         for i in range(kv_count):
             key_field = f"metadata key #{i}"
@@ -227,8 +230,13 @@ class _HeaderParser:
                 self.fail(f"{field} type", type_offset, f"unknown value type {value_type}")
             if key == "general.alignment":
                 alignment_entry = (value_type, self.pos)
+            value_start = self.pos
             metadata[key] = self.value(value_type, field)
-        return metadata, alignment_entry
+            element_type = None
+            if value_type == GGUFValueType.ARRAY:  # validated by value() above
+                (element_type,) = struct.unpack_from("<I", self.buf, value_start)
+            value_types[key] = (value_type, element_type)
+        return metadata, alignment_entry, value_types
 
     def value(self, value_type: int, field: str) -> object:
         if value_type == GGUFValueType.STRING:

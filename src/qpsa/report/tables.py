@@ -64,3 +64,38 @@ def perplexity_report(console: Console, r: PerplexityResult) -> None:
                   f"over {r.n_scored:,} scored tokens; ± is one standard error)")
     console.print(f"{r.n_windows} windows of {r.ctx} tokens in {r.seconds:.1f} s: "
                   f"{r.seconds_per_window:.3f} s per window, {r.tokens_per_second:.0f} tokens/s")
+
+
+def edit_report(console: Console, r) -> None:
+    """Pruning/looping: methods × K, each cell PPL ratio ± se, in the original study's form."""
+    ks = sorted({e.k for e in r.edits})
+    methods = list(dict.fromkeys(e.method for e in r.edits))
+    verb = "removed" if r.kind == "prune" else "repeated"
+    table = Table(title=f"PPL ratio to the unedited model ({r.kind}: K layers {verb}), "
+                        f"held-out {r.eval_text['n_scored']} tokens of {r.eval_text['name']}; base PPL {r.base_ppl:.4f}")
+    table.add_column("method")
+    for k in ks:
+        table.add_column(f"K={k}", justify="right")
+    cells = {(e.method, e.k): e for e in r.edits}
+    for m in methods:
+        row = [m]
+        for k in ks:
+            e = cells.get((m, k))
+            row.append("-" if e is None else f"{_ratio(e.ratio)} ± {_ratio(e.ratio_se)}")
+        table.add_row(*row)
+    console.print(table)
+    layers = Table(title=f"Layers {verb}")
+    layers.add_column("method")
+    for k in ks:
+        layers.add_column(f"K={k}")
+    for m in methods:
+        layers.add_row(m, *[",".join(map(str, cells[(m, k)].layers)) if (m, k) in cells else "-" for k in ks])
+    console.print(layers)
+    console.print(f"{len(r.edits)} evaluations in {r.seconds:.1f} s. Ratio = exp(mean ΔNLL) on the same tokens; "
+                  "± is one standard error from paired per-token differences.")
+
+
+def _ratio(x: float) -> str:
+    if x != x or x == float("inf"):
+        return str(x)
+    return f"{x:.3f}" if x < 100 else f"{x:.3g}"

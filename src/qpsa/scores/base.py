@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qpsa.data.texts import EvalText
 from qpsa.errors import QpsaError
@@ -49,8 +48,11 @@ class EvalTokens:
                 "n_tokens": self.tokens.shape[1], "n_scored": self.n_scored}
 
 
-def eval_tokens(loaded: LoadedModel, text: EvalText, max_tokens: int = 500, span: str = "score") -> EvalTokens:
-    """The score span (first max_tokens tokens) or the held-out span (the max_tokens after it)."""
+def eval_tokens(
+    loaded: LoadedModel, text: EvalText, max_tokens: int = 500, span: str = "score", start: int | None = None
+) -> EvalTokens:
+    """The score span (the text's first max_tokens tokens) or the held-out span (the max_tokens
+    tokens that start where the score span ended, or at token `start` of the text)."""
     if max_tokens < 2:
         raise QpsaError(f"--max-tokens must be at least 2 (got {max_tokens})")
     if max_tokens > loaded.config.context_length:
@@ -59,10 +61,10 @@ def eval_tokens(loaded: LoadedModel, text: EvalText, max_tokens: int = 500, span
     ids = tok.encode(text.text)
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
     body = max_tokens - len(bos)
-    index = {"score": 0, "held-out": 1}.get(span)
-    if index is None:
+    if span not in ("score", "held-out"):
         raise QpsaError(f"unknown span {span!r}")
-    start = index * body
+    if start is None:
+        start = 0 if span == "score" else body
     if len(ids) < start + body:
         raise QpsaError(f"the text has {len(ids)} tokens; the {span} span needs {start + body}")
     return EvalTokens(torch.tensor([bos + ids[start : start + body]]), text, span, start)
@@ -71,7 +73,11 @@ def eval_tokens(loaded: LoadedModel, text: EvalText, max_tokens: int = 500, span
 def token_nll(model: Transformer, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """NLL of every scored token (B, T−1), from the final hidden state h (B, T, C)."""
     logits = model.logits(h[:, :-1])  # (B, T−1, V)
-    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:].expand(h.shape[0], -1), reduction="none")
+    targets = tokens[:, 1:].expand(h.shape[0], -1)  # (B, T−1)
+    # logsumexp − target logit, as qpsa.eval.perplexity: cross_entropy over the transposed
+    # (B, V, T−1) layout reduces along a strided axis, 1.5× slower and off by up to 3e-4 nats
+    # on a 49k vocabulary (this is within 2e-6 of float64)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
 
 
 class LayerStates:
@@ -81,7 +87,8 @@ class LayerStates:
     so any method that changes only layer i re-runs layers i … L−1 from `states[i]`.
     """
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor):
+    def __init__(self, model: Transformer, tokens: torch.Tensor, progress=None):
+        """`progress`, if given, is called with no argument after each layer (for a progress bar)."""
         self.model = model
         self.tokens = tokens
         self.positions = torch.arange(tokens.shape[1])
@@ -91,6 +98,8 @@ class LayerStates:
             for i in range(model.config.n_layer):
                 h = model.block(i, h, self.positions)
                 self.states.append(h)
+                if progress is not None:
+                    progress()
             self.base_nll = token_nll(model, h, tokens)[0]  # (T−1,)
 
     def nll_from(self, i: int, h: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:

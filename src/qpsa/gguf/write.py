@@ -1,0 +1,114 @@
+"""Writing GGUF files: a model with some layers removed, every remaining tensor copied byte for byte.
+
+    write_layers(gguf_file, keep=[0, 1, 3, 4], out="pruned.gguf")
+
+Layer `keep[j]` of the source becomes layer j of the output (`blk.{keep[j]}.*` → `blk.{j}.*`); a
+layer listed twice is written twice (its weights duplicated), which is how llama.cpp can run a
+repeated layer.
+Metadata is copied with its value types; `{arch}.block_count` is set to len(keep), and every
+per-layer array under `{arch}.` (one entry per layer, e.g. per-layer head counts) is filtered the
+same way. For gemma3 the sliding-window layout is written explicitly as
+`gemma3.attention.sliding_window_pattern` (one bool per layer, true = sliding window), so each kept
+layer keeps its attention type even where removing layers shifts the every-sixth-layer default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qpsa.errors import QpsaError
+from qpsa.gguf.read import GGUFFile
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def check_output_path(out: str | os.PathLike, source: Path) -> Path:
+    """Refuse, before any work, an output that is the source model, a directory, or unwritable."""
+    out = Path(out)
+    if out.is_dir():
+        raise QpsaError(f"{out}: is a directory; give a file name for the output")
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise QpsaError(f"{out}: is the input model; choose another output path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise QpsaError(f"{out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise QpsaError(f"{out}: folder {parent} is not writable")
+    return out
+
+
+def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -> Path:
+    """Write `gguf_file` with only the layers in `keep`, renumbered in that order."""
+    from qpsa.model.config import config_from_metadata
+
+    md = gguf_file.metadata
+    arch = md["general.architecture"]
+    n_layer = int(md[f"{arch}.block_count"])
+    if not keep:
+        raise QpsaError("no layer would be left")
+    if any(not 0 <= i < n_layer for i in keep):
+        raise QpsaError(f"layers must be in 0..{n_layer - 1}")
+    out = check_output_path(out, gguf_file.path)
+    config = config_from_metadata(md)
+
+    metadata = dict(md)
+    types = dict(gguf_file.layout.value_types)
+    metadata[f"{arch}.block_count"] = len(keep)
+    for key, value in md.items():
+        if key.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layer:
+            metadata[key] = [value[i] for i in keep]
+    if arch == "gemma3" and config.swa_layers:
+        key = "gemma3.attention.sliding_window_pattern"
+        metadata[key] = [bool(config.swa_layers[i]) for i in keep]
+        types[key] = (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch, use_temp_file=False)
+        for key, value in metadata.items():
+            if key in ("general.architecture", "general.alignment"):
+                continue  # the writer adds the architecture itself; alignment below
+            value_type, element_type = types[key]
+            writer.add_key_value(key, value, gguf.GGUFValueType(value_type),
+                                 sub_type=gguf.GGUFValueType(element_type) if element_type is not None else None)
+        if gguf_file.layout.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            writer.data_alignment = gguf_file.layout.alignment
+            writer.add_uint32("general.alignment", gguf_file.layout.alignment)
+        by_layer: dict[int, list] = {}
+        for name, t in gguf_file.tensors.items():
+            m = _LAYER.match(name)
+            if m is None:
+                _add_raw(writer, name, t)
+            else:
+                by_layer.setdefault(int(m.group(1)), []).append((m.group(2), t))
+        for new, old in enumerate(keep):  # a layer listed twice is written twice: a repeated layer
+            for suffix, t in by_layer.get(old, []):
+                _add_raw(writer, f"blk.{new}.{suffix}", t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _add_raw(writer: gguf.GGUFWriter, name: str, t) -> None:
+    """Add a tensor's bytes unchanged: uint8 rows of the quantized layout, shape in numpy order."""
+    data = np.asarray(t.raw).reshape(*t.shape[:-1], -1)  # (rows…, bytes per row)
+    if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        data = data.view(np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        writer.add_tensor(name, data)
+        return
+    writer.add_tensor(name, data, raw_dtype=t.qtype)  # shape derived from the byte shape
