@@ -1,0 +1,422 @@
+"""Baseline layer-importance methods: what Q-PSA is compared against.
+
+Every method is `method(loaded, tokens, settings, progress=None) -> LayerScores`, registered by
+name in `BASELINES`; a higher score means a more important layer. Exact definitions, and what the
+uncertainties mean, are in docs/scores.md:
+
+* `layer_ablation`   ΔPPL when the layer is skipped (the residual stream passes through unchanged)
+* `weight_norm`      Frobenius norm of the layer's seven weight matrices together
+* `random`           a seeded random permutation (the floor every method must beat)
+* `block_influence`  ShortGPT's BI = 1 − mean cos(h_in, h_out) (Men et al. 2024)
+* `angular_distance` mean arccos(cos(h_i, h_{i+n}))/π (Gromov et al. 2024)
+* `fisher`           Σ over the layer's weights of (∂NLL/∂w · grid step)², from one gradient
+
+The methods that read hidden states share one `LayerStates` (one forward pass), cached for the
+last (model, tokens) pair by `layer_states`. `progress`, when given, is called with a number of
+work units as they complete; `work_units(name, config, n_tokens)` is the total, so a caller can
+draw a progress bar whose ETA is right (units are roughly one layer's forward over the tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from qpsa.errors import QpsaError
+from qpsa.model.config import ModelConfig
+from qpsa.model.load import LoadedModel
+from qpsa.scores.base import (
+    EvalTokens,
+    LayerScores,
+    LayerStates,
+    ScoreSettings,
+    ppl_of,
+    token_nll,
+)
+
+if TYPE_CHECKING:
+    from qpsa.scores.results import ScoreRun
+
+Progress = Callable[[int], None]
+
+# The seven weight matrices of a layer, as named in GGUF files (blk.{i}.{name}.weight).
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# The fused tensors the forward actually multiplies by (the per-name entries are views of them).
+FUSED = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
+FISHER_GROUPS = 8  # contiguous token groups for the fisher jackknife
+ABLATION_BATCH_BYTES = 1 << 30  # activation memory one batch of layer ablations may use
+# Most ablations run side by side in one batch. On a 2-core CPU a layer costs 25 ms per element at
+# B = 1…4 and 33 ms at B = 30 on SmolLM2-135M with 500 tokens (larger batches fall out of cache).
+ABLATION_MAX_BATCH = 4
+
+
+def _no_progress(units: int) -> None:
+    pass
+
+
+# ---- shared hidden states ---------------------------------------------------------------------
+
+_cache: dict = {}
+
+
+def layer_states(loaded: LoadedModel, tokens: EvalTokens, progress: Progress | None = None) -> LayerStates:
+    """The hidden states entering every layer on `tokens`, computed once per (model, tokens).
+
+    Only the last pair is kept (the states of a 500-token window are tens of MB). The key includes
+    every weight tensor's identity and in-place version counter, so states computed before a weight
+    was changed (in place or by replacing the tensor) are never returned. `progress` gets one unit
+    per layer when the states are computed, nothing when they come from the cache."""
+    model, ids = loaded.model, tokens.tokens
+    weights = tuple((id(t), t._version) for t in model.weights.values())
+    ref = _cache.get("model")
+    if (ref is not None and ref() is model and _cache["weights"] == weights
+            and _cache["tokens"].shape == ids.shape and torch.equal(_cache["tokens"], ids)):
+        return _cache["states"]
+    _cache.clear()
+    step = progress or _no_progress
+    states = LayerStates(model, ids, progress=lambda: step(1))
+    _cache.update(model=weakref.ref(model), weights=weights, tokens=ids.clone(), states=states)
+    return states
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+# ---- cost model for progress bars ---------------------------------------------------------------
+
+
+def _layer_macs(config: ModelConfig, n_tokens: int) -> float:
+    c = config
+    per_token = c.n_embd * (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim * c.n_embd
+    per_token += 3 * c.n_embd * c.n_ff
+    per_token += 2 * c.n_head * c.head_dim * n_tokens / 2  # causal attention, on average
+    return per_token * n_tokens
+
+
+def head_units(config: ModelConfig, n_tokens: int) -> int:
+    """The output head's cost in layer-forward units, from multiply-add counts (7 on SmolLM2-135M,
+    28 on Gemma 3 270M at 500 tokens)."""
+    head = config.n_embd * config.vocab_size * n_tokens
+    return max(1, round(head / _layer_macs(config, n_tokens)))
+
+
+def work_units(name: str, config: ModelConfig, n_tokens: int) -> int:
+    """Total progress units `name` reports (not counting the shared forward of `layer_states`)."""
+    L, head = config.n_layer, head_units(config, n_tokens)
+    if name == "layer_ablation":
+        return L * (L - 1) // 2 + L * head
+    if name == "fisher":
+        return sum(_fisher_units(config, n_tokens)) + L
+    if name in BASELINES:
+        return L
+    raise QpsaError(f"unknown method {name!r}; known: {', '.join(BASELINES)}")
+
+
+# ---- the methods --------------------------------------------------------------------------------
+
+
+def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+                   progress: Progress | None = None) -> LayerScores:
+    """score_i = PPL(all layers but i) − PPL(all layers), on the scored tokens.
+
+    Skipping layer i feeds the cached states[i] straight into layer i+1. The ablations run as a
+    staggered batch: walking k = a … L−1, the batch first goes through layer k, then the ablation
+    of layer k joins it (as states[k], skipping k). Each ablation so costs exactly the L−1−i layers
+    after it plus one output head, and the layer matmuls see B·T rows at once.
+    """
+    start = time.perf_counter()
+    step = progress or _no_progress
+    model, cfg = loaded.model, loaded.config
+    L, T = cfg.n_layer, tokens.tokens.shape[1]
+    states = layer_states(loaded, tokens)
+    base = states.base_nll.double()  # (N,)
+    n = base.numel()
+    head = head_units(cfg, T)
+    per_element = T * 4 * (6 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim + 4 * cfg.n_ff)
+    chunk = max(1, min(L, ABLATION_MAX_BATCH, ABLATION_BATCH_BYTES // per_element))
+    nll = torch.empty(L, n, dtype=torch.float64)
+    with torch.inference_mode():
+        for a in range(0, L, chunk):
+            b = min(L, a + chunk)
+            h = None
+            for k in range(a, L):
+                if h is not None:
+                    h = model.block(k, h, states.positions)
+                    step(h.shape[0])
+                if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
+                    h = states.states[k] if h is None else torch.cat([h, states.states[k]])
+            for j in range(b - a):  # element j is the ablation of layer a + j
+                nll[a + j] = token_nll(model, h[j : j + 1], tokens.tokens)[0].double()
+                step(head)
+    base_ppl = ppl_of(base)
+    delta = nll - base  # (L, N) paired per-token differences
+    dnll = delta.mean(dim=1)
+    se_dnll = delta.std(dim=1) / math.sqrt(n) if n > 1 else torch.full((L,), math.nan, dtype=torch.float64)
+    ppl = [ppl_of(nll[i]) for i in range(L)]
+    scores = [p - base_ppl for p in ppl]
+    # delta method: ΔPPL = PPL_base·(exp(ΔNLL) − 1), d/dΔNLL = PPL_base·exp(ΔNLL) = PPL_ablated
+    unc = [ppl[i] * float(se_dnll[i]) for i in range(L)]
+    details = {"base_ppl": base_ppl, "ppl": ppl, "delta_nll": dnll.tolist(), "se_delta_nll": se_dnll.tolist(),
+               "batch": chunk}
+    return LayerScores("layer_ablation", scores, unc, "ΔPPL when the layer is skipped",
+                       time.perf_counter() - start, details)
+
+
+def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+                progress: Progress | None = None) -> LayerScores:
+    """score_i = sqrt(Σ over the seven dequantized matrices of Σ w²): one Frobenius norm of them all."""
+    start = time.perf_counter()
+    step = progress or _no_progress
+    w = loaded.model.weights
+    scores, per_matrix = [], {m: [] for m in MATRICES}
+    for i in range(loaded.config.n_layer):
+        total = 0.0
+        for m in MATRICES:
+            sq = float(w[f"blk.{i}.{m}.weight"].double().square().sum())
+            per_matrix[m].append(math.sqrt(sq))
+            total += sq
+        scores.append(math.sqrt(total))
+        step(1)
+    return LayerScores("weight_norm", scores, [None] * len(scores),
+                       "Frobenius norm of the 7 dequantized weight matrices together", time.perf_counter() - start,
+                       {"per_matrix": per_matrix})
+
+
+def random_scores(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+                  progress: Progress | None = None) -> LayerScores:
+    """score_i = perm[i] for perm = numpy.random.default_rng(seed).permutation(L)."""
+    start = time.perf_counter()
+    L = loaded.config.n_layer
+    perm = np.random.default_rng(settings.seed).permutation(L)
+    if progress is not None:
+        progress(L)
+    return LayerScores("random", [float(x) for x in perm], [None] * L,
+                       "random rank (0 = least important), numpy default_rng(seed).permutation",
+                       time.perf_counter() - start, {"seed": settings.seed})
+
+
+def _unit_rows(h: torch.Tensor) -> torch.Tensor:
+    """(1, T, C) -> (T, C) float64 rows of unit length."""
+    x = h[0].double()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def block_influence(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+                    progress: Progress | None = None) -> LayerScores:
+    """BI_i = 1 − mean over the T positions of cos(states[i], states[i+1]) (ShortGPT)."""
+    start = time.perf_counter()
+    step = progress or _no_progress
+    states = layer_states(loaded, tokens)
+    scores, unc = [], []
+    for i in range(loaded.config.n_layer):
+        # 1 − cos(x, y) = ½‖x̂ − ŷ‖², exact for unit vectors and exactly 0 when x = y
+        one_minus_cos = 0.5 * (_unit_rows(states.states[i]) - _unit_rows(states.states[i + 1])).square().sum(-1)
+        scores.append(float(one_minus_cos.mean()))
+        unc.append(_se(one_minus_cos))
+        step(1)
+    return LayerScores("block_influence", scores, unc, "1 − mean cos(h_in, h_out) over tokens",
+                       time.perf_counter() - start, {"positions": int(tokens.tokens.shape[1])})
+
+
+def angular_distance(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+                     progress: Progress | None = None) -> LayerScores:
+    """d_i = mean over the T positions of arccos(cos(states[i], states[min(i+n, L)]))/π (Gromov et al.).
+
+    Layers with i + n > L compare against the final state states[L] (a shorter span; `details.span`
+    says how many layers each score spans)."""
+    start = time.perf_counter()
+    step = progress or _no_progress
+    L, n = loaded.config.n_layer, settings.angular_n
+    if not 1 <= n <= L:
+        raise QpsaError(f"--n must be between 1 and the number of layers ({L}); got {n}")
+    states = layer_states(loaded, tokens)
+    scores, unc, span = [], [], []
+    for i in range(L):
+        j = min(i + n, L)
+        x, y = _unit_rows(states.states[i]), _unit_rows(states.states[j])
+        # the angle between unit vectors, 2·atan2(‖x̂−ŷ‖, ‖x̂+ŷ‖): accurate near 0, unlike arccos
+        angle = 2 * torch.atan2((x - y).norm(dim=-1), (x + y).norm(dim=-1)) / math.pi
+        scores.append(float(angle.mean()))
+        unc.append(_se(angle))
+        span.append(j - i)
+        step(1)
+    return LayerScores("angular_distance", scores, unc, f"mean arccos(cos(h_i, h_i+{n}))/π over tokens",
+                       time.perf_counter() - start, {"n": n, "span": span, "positions": int(tokens.tokens.shape[1])})
+
+
+def _fisher_plan(n_tokens: int) -> tuple[int, list[int], list[int]]:
+    """(K, group bounds over the N = T−1 scored tokens, prefix length of each gradient pass).
+
+    The first pass is the full window (the gradient of all N tokens); then group k < K−1 needs
+    only the first bounds[k+1] + 1 tokens (its NLLs depend on no later position); the last
+    group's gradient is the full one minus the others and costs no pass."""
+    n = n_tokens - 1
+    K = max(1, min(FISHER_GROUPS, n))
+    bounds = [round(k * n / K) for k in range(K + 1)]
+    return K, bounds, [n_tokens] + [bounds[k + 1] + 1 for k in range(K - 1)]
+
+
+def _fisher_units(config: ModelConfig, n_tokens: int) -> list[int]:
+    """Progress units of each gradient pass (forward L + head, backward about 2L + head)."""
+    per_pass = 3 * config.n_layer + 2 * head_units(config, n_tokens)
+    return [max(1, round(per_pass * p / n_tokens)) for p in _fisher_plan(n_tokens)[2]]
+
+
+def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
+           progress: Progress | None = None) -> LayerScores:
+    """score_i = Σ over the layer's seven matrices, over every weight w, of (g_w · step_w)².
+
+    g = ∂(Σ of the N scored tokens' NLL)/∂w at the model's weights, step_w the weight's
+    quantization grid step (signed, squared away). Uncertainty: delete-one-group jackknife over
+    FISHER_GROUPS contiguous token groups (see docs/scores.md)."""
+    start = time.perf_counter()
+    step = progress or _no_progress
+    model, cfg = loaded.model, loaded.config
+    L, ids = cfg.n_layer, tokens.tokens
+    T = ids.shape[1]
+    K, bounds, prefixes = _fisher_plan(T)
+    units = _fisher_units(cfg, T)
+    n = T - 1
+    names = [f"blk.{i}.{f}.weight" for i in range(L) for f in FUSED]
+    params = [model.weights[nm] for nm in names]
+    was = [p.requires_grad for p in params]
+
+    def gradient(pass_index: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """∂(Σ nll[lo:hi])/∂(fused weights), from a forward over the first P tokens only."""
+        P = prefixes[pass_index]
+        with torch.inference_mode(False), torch.enable_grad():
+            h = model.run_layers(model.embed(ids[:, :P]), range(L), torch.arange(P))
+            loss = token_nll(model, h, ids[:, :P])[0, lo:hi].sum()
+            g = torch.autograd.grad(loss, params)
+        step(units[pass_index])
+        return dict(zip(names, g))
+
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        full = gradient(0, 0, n)
+        # per matrix: the grid step s, u = g·s for the full gradient, and the running sum of the
+        # groups' g·s (the last group's is then u minus that sum)
+        mats = {}
+        for i in range(L):
+            for m in MATRICES:
+                name = f"blk.{i}.{m}.weight"
+                fused, row = model.fused_rows(i, m)
+                rows = model.weights[name].shape[0]
+                rec = loaded.file.tensors[name]
+                _, s = rec.grid().decode(rec.blocks)
+                s = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32).reshape(rec.shape))
+                u = full[f"blk.{i}.{fused}.weight"][row : row + rows] * s
+                mats[(i, m)] = {"fused": f"blk.{i}.{fused}.weight", "row": row, "rows": rows, "step": s, "u": u,
+                                "A": float(u.square().sum(dtype=torch.float64)), "B": [], "C": [],
+                                "sum": torch.zeros_like(u)}
+            step(1)
+        del full
+        for k in range(K):
+            g = gradient(k + 1, bounds[k], bounds[k + 1]) if k < K - 1 else None
+            for d in mats.values():
+                if g is None:
+                    v = d["u"] - d["sum"]
+                else:
+                    v = g[d["fused"]][d["row"] : d["row"] + d["rows"]] * d["step"]
+                    d["sum"] += v
+                d["B"].append(float((d["u"] * v).sum(dtype=torch.float64)))
+                d["C"].append(float(v.square().sum(dtype=torch.float64)))
+            del g
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+    sizes = [bounds[k + 1] - bounds[k] for k in range(K)]
+    scores, unc = [], []
+    per_matrix = {m: [] for m in MATRICES}
+    for i in range(L):
+        for m in MATRICES:
+            per_matrix[m].append(mats[(i, m)]["A"])
+        scores.append(sum(mats[(i, m)]["A"] for m in MATRICES))
+        if K < 2:
+            unc.append(None)
+            continue
+        # jackknife of θ = Σ (ḡ·s)², ḡ the mean gradient per scored token, so S = N²·θ; leaving
+        # group k out, Σ ((G − g_k)·s)² = A − 2·B_k + C_k over N − N_k tokens
+        theta = np.array([sum(mats[(i, m)]["A"] - 2 * mats[(i, m)]["B"][k] + mats[(i, m)]["C"][k] for m in MATRICES)
+                          / (n - sizes[k]) ** 2 for k in range(K)])
+        unc.append(float(n**2 * math.sqrt((K - 1) / K * np.square(theta - theta.mean()).sum())))
+    details = {"per_matrix": per_matrix, "groups": K, "group_tokens": sizes,
+               "uncertainty": "delete-one-group jackknife over contiguous token groups",
+               "gradient_of": "sum of the scored tokens' NLL"}
+    return LayerScores("fisher", scores, unc, "Σ (∂NLL_total/∂w · grid step)² over the layer's weights (nats²)",
+                       time.perf_counter() - start, details)
+
+
+def _se(x: torch.Tensor) -> float:
+    return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else math.nan
+
+
+BASELINES: dict[str, Callable[..., LayerScores]] = {
+    "layer_ablation": layer_ablation,
+    "weight_norm": weight_norm,
+    "random": random_scores,
+    "block_influence": block_influence,
+    "angular_distance": angular_distance,
+    "fisher": fisher,
+}
+
+
+def check_methods(names: list[str]) -> list[str]:
+    """The names, deduplicated in order; QpsaError listing the known ones for an unknown name."""
+    out = []
+    for name in names:
+        if name not in BASELINES:
+            raise QpsaError(f"unknown method {name!r}; known: {', '.join(BASELINES)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise QpsaError(f"no methods given; known: {', '.join(BASELINES)}")
+    return out
+
+
+def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], settings: ScoreSettings,
+                  bar=None) -> ScoreRun:
+    """Base perplexity and every method in `names` on the same tokens, as one ScoreRun.
+
+    `bar(label, total)`, if given, is a context manager yielding `advance(status)` (such as
+    `qpsa.report.progress.progress_bar`): one bar for the shared forward pass, one per method."""
+    from contextlib import nullcontext
+
+    from qpsa.scores.results import ScoreRun
+
+    names = check_methods(names)
+    if "angular_distance" in names and not 1 <= settings.angular_n <= loaded.config.n_layer:
+        raise QpsaError(f"--n must be between 1 and the number of layers ({loaded.config.n_layer}); "
+                        f"got {settings.angular_n}")
+    start = time.perf_counter()
+    T = tokens.tokens.shape[1]
+
+    def open_bar(label, total):
+        return nullcontext(lambda status="": None) if bar is None else bar(label, total)
+
+    def units(advance):
+        return lambda n: [advance("") for _ in range(n)]
+
+    with open_bar("forward", loaded.config.n_layer) as advance:
+        states = layer_states(loaded, tokens, progress=units(advance))
+    base = {"ppl": ppl_of(states.base_nll), "nll": float(states.base_nll.double().mean())}
+    methods = {}
+    for name in names:
+        with open_bar(name, work_units(name, loaded.config, T)) as advance:
+            methods[name] = BASELINES[name](loaded, tokens, settings, progress=units(advance))
+    model = {"name": loaded.name, "path": str(loaded.path), "sha256": loaded.file.sha256,
+             "architecture": loaded.config.arch, "n_layer": loaded.config.n_layer}
+    run_settings = {"methods": names, "max_tokens": settings.max_tokens, "seed": settings.seed,
+                    "angular_n": settings.angular_n, "fisher_groups": FISHER_GROUPS,
+                    "dtype": str(loaded.model.dtype).removeprefix("torch.")}
+    return ScoreRun("baseline", model, tokens.describe(), run_settings, base, methods,
+                    seconds=time.perf_counter() - start)
