@@ -16,6 +16,7 @@ quickstart: setup
 	$(QPSA) models
 	$(QPSA) inspect smollm2-135m --layer 0
 	$(QPSA) ppl smollm2-135m --chunks 20
+	$(QPSA) study smollm2-135m --quick
 
 test: setup
 	$(PYTHON) -m pytest
@@ -25,3 +26,6 @@ test-fast:
 
 bench: setup
 	$(PYTHON) bench/ppl_speed.py
+	$(PYTHON) bench/load_speed.py
+	$(PYTHON) bench/ablation_cost.py
+	$(PYTHON) bench/qpsa_cost.py

@@ -157,6 +157,44 @@ app.command(context_settings=BASELINE_CONTEXT)(baseline)
 app.command()(agreement)
 
 
+@app.command()
+def study(
+    model: ModelArg = "smollm2-135m",
+    out: Annotated[Optional[str], typer.Option(help="folder for results.md, JSON and plots (default study-MODEL)")] = None,
+    quick: Annotated[bool, typer.Option(help="smaller N, fewer tokens and K: a few minutes instead of ~20")] = False,
+    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file (default: the default text)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2")] = None,
+    seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
+):
+    """The original Q-PSA experiment in one command: all methods, pruning and looping tables, agreement, plots."""
+    import dataclasses
+    from pathlib import Path
+
+    from qpsa.data.texts import resolve_text
+    from qpsa.model.load import load_model
+    from qpsa.report.progress import progress_bar
+    from qpsa.study import StudyPlan, run_study, write_study
+
+    if seed < 0:
+        raise QpsaError(f"--seed must be zero or more (got {seed})")
+    out_dir = Path(out or f"study-{Path(model).stem if model.endswith('.gguf') else model}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QpsaError(f"{out_dir}: exists and is not a folder")
+    eval_text = resolve_text(text, dataset)
+    plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
+    loaded = load_model(model)
+    console = _console()
+    console.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
+                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")
+    result = run_study(loaded, eval_text, plan, bar=progress_bar, log=lambda line: console.print(line))
+    written = write_study(result, out_dir)
+    from qpsa.report.tables import edit_report
+
+    edit_report(console, result.prune)
+    edit_report(console, result.loop)
+    console.print(f"study finished in {result.seconds / 60:.1f} min; wrote " + ", ".join(str(p) for p in written))
+
+
 def _check_positive(**values) -> None:
     for name, v in values.items():
         if v is not None and (v <= 0 or (isinstance(v, float) and not math.isfinite(v))):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -107,14 +108,24 @@ class ScoreRun:
 
 
 def rank_agreement(methods: dict[str, LayerScores]) -> list[dict]:
-    """Spearman ρ and Kendall τ (with p-values) between the scores of every pair of methods."""
+    """Spearman ρ and Kendall τ (with p-values) between the scores of every pair of methods, over the
+    layers where both have a finite score (`n_layers` says how many)."""
     from scipy.stats import kendalltau, spearmanr
 
     rows = []
     for a, b in combinations(sorted(methods), 2):
-        x, y = methods[a].scores, methods[b].scores
+        pairs = [(x, y) for x, y in zip(methods[a].scores, methods[b].scores) if _finite(x) and _finite(y)]
+        if len(pairs) < 3:
+            rows.append({"a": a, "b": b, "n_layers": len(pairs), "spearman": math.nan, "spearman_p": math.nan,
+                         "kendall": math.nan, "kendall_p": math.nan})
+            continue
+        x, y = zip(*pairs)
         rho, p_rho = spearmanr(x, y)
         tau, p_tau = kendalltau(x, y)
-        rows.append({"a": a, "b": b, "spearman": float(rho), "spearman_p": float(p_rho),
+        rows.append({"a": a, "b": b, "n_layers": len(pairs), "spearman": float(rho), "spearman_p": float(p_rho),
                      "kendall": float(tau), "kendall_p": float(p_tau)})
     return rows
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)

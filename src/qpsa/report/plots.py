@@ -1,0 +1,74 @@
+"""PNG plots of results (matplotlib, no display needed). Plot code computes nothing: it draws what it is given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def layer_scores(path: Path, methods: dict, title: str) -> None:
+    """One panel per method: score per layer with ± one standard error where the method has one."""
+    names = list(methods)
+    cols = 2 if len(names) > 1 else 1
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        s = methods[name]
+        layers = list(range(len(s.scores)))
+        errors = [e if e is not None else 0.0 for e in s.uncertainty]
+        values = [v if v is not None else float("nan") for v in s.scores]  # no score: no bar
+        ax.bar(layers, values, yerr=errors if any(errors) else None, color="#4C72B0", capsize=2)
+        ax.set_title(f"{name}", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(_short(s.unit), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ratio_vs_k(path: Path, edits: list, title: str, ylabel: str) -> None:
+    """PPL ratio against K per method, log y axis, with ± one standard error."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(e.method for e in edits):
+        rows = sorted((e for e in edits if e.method == method), key=lambda e: e.k)
+        ax.errorbar([e.k for e in rows], [e.ratio for e in rows], yerr=[e.ratio_se for e in rows],
+                    marker="o", capsize=3, label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("K (layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(sorted({e.k for e in edits}))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def agreement_heatmap(path: Path, names: list[str], matrix: list[list[float]], title: str) -> None:
+    """Spearman ρ between every pair of methods."""
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 0.8 + 0.7 * len(names)))
+    im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="Spearman ρ")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(unit: str) -> str:
+    return unit if len(unit) <= 40 else unit[:37] + "…"
