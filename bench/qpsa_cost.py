@@ -14,13 +14,16 @@ around every phase and each phase is divided by the mean of the units that brack
     a + b·(L−i)/L fitted to them (`--probe-layers all` measures every layer: ~15 minutes more).
 (c) agreement: Spearman ρ (p-value, and a bootstrap 95% interval over the matrices' samples) between
     the probe's layer scores and the exact float64 estimator's on the spread layers (N per matrix
-    as large as the time allows; the exact samples are the first N of the probe's 100), plus the
-    same at the level of the (layer, matrix) pairs.
+    as large as the time allows; the exact samples are the first N units of the probe's first
+    probe), plus the same at the level of the (layer, matrix) pairs. `--probe-results FILE` takes
+    the probe values from a `q-psa score --estimator probe` results file with the same settings
+    (identical numbers, same seeds) and skips (b).
 
     python bench/qpsa_cost.py [--model smollm2-135m] [--layers 6] [--exact-n 4] [--probe-layers spread|all]
-                              [--json-out FILE]
+                              [--probe-results FILE] [--json-out FILE]
 
-Runs in ~12 minutes on 2 idle cores with the defaults.
+Runs in ~12 minutes on 2 idle cores with the defaults (a machine shared with another job can make
+it several times slower; the equivalents stay comparable as the unit is re-measured).
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def fit_total(per_layer_seconds: dict[int, float], n_layer: int) -> float:
     return float(sum(a + b * (n_layer - i) / n_layer for i in range(n_layer)))
 
 
+def probe_from_results(path: str, args, layers: list[int]) -> dict:
+    """The raw per-matrix probe results of `layers` from a `q-psa score --estimator probe` results file."""
+    from qpsa.scores.qpsa import MATRICES
+
+    d = json.loads(Path(path).read_text())["methods"]["qpsa"]["details"]
+    want = {"estimator": "probe", "samples_per_matrix": args.probe_n, "probes": args.probes, "precision": "float32",
+            "max_tokens": args.tokens}
+    for k, v in want.items():
+        if d.get(k) != v:
+            raise SystemExit(f"{path}: {k} is {d.get(k)!r}, this bench needs {v!r}")
+    return {i: {"raws": {m: d["samples"][str(i)][m] for m in MATRICES}, "seconds": math.nan} for i in layers}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -103,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--probe-layers", choices=("spread", "all"), default="spread")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--probe-results", default=None,
+                    help="take the probe values for (c) from this `q-psa score --estimator probe` results file "
+                         "(same seed and settings) instead of computing them; skips (b)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
 
@@ -175,15 +194,20 @@ def main(argv=None) -> int:
 
         # (b) probe
         probe_layers = list(range(L)) if args.probe_layers == "all" else layers
-        sp = QpsaSettings(samples_per_matrix=args.probe_n, estimator="probe", probes=args.probes,
-                          precision="float32", batch_size=args.batch_size)
-        log(f"(b) probe float32, N={args.probe_n}/matrix, K={args.probes}, layers {probe_layers}")
-        pr = run_exact(ev32, loaded.file, sp, probe_layers, log)
-        u3 = units.measure()
-        unit_c = (u2 + u3) / 2
-        probe_eq = {i: r["seconds"] / unit_c for i, r in pr.items()}
-        probe_total = sum(probe_eq.values()) if args.probe_layers == "all" else fit_total(probe_eq, L)
         probe_dirs = L * len(MATRICES) * 2 * args.probes
+        if args.probe_results:  # a `q-psa score --estimator probe` results file: same seeds, same numbers
+            pr = probe_from_results(args.probe_results, args, layers)
+            probe_eq, probe_total = {i: math.nan for i in layers}, math.nan
+            log(f"(b) skipped: probe results of layers {layers} taken from {args.probe_results}")
+        else:
+            sp = QpsaSettings(samples_per_matrix=args.probe_n, estimator="probe", probes=args.probes,
+                              precision="float32", batch_size=args.batch_size)
+            log(f"(b) probe float32, N={args.probe_n}/matrix, K={args.probes}, layers {probe_layers}")
+            pr = run_exact(ev32, loaded.file, sp, probe_layers, log)
+            u3 = units.measure()
+            unit_c = (u2 + u3) / 2
+            probe_eq = {i: r["seconds"] / unit_c for i, r in pr.items()}
+            probe_total = sum(probe_eq.values()) if args.probe_layers == "all" else fit_total(probe_eq, L)
 
     # (c) agreement
     base32 = ev32.base_ppl
@@ -199,6 +223,8 @@ def main(argv=None) -> int:
         exact_pm += [em[m]["mean"] for m in MATRICES]
         probe_pm += [pm[m]["mean"] for m in MATRICES]
         per_layer[i] = {"exact": el["score"], "exact_se": el["se"], "probe": pl["score"], "probe_se": pl["se"],
+                        "exact_matrices": {m: em[m]["mean"] for m in MATRICES},
+                        "probe_matrices": {m: pm[m]["mean"] for m in MATRICES},
                         "probe_first_order_rms": pl["first_order"],
                         "exact_eq_per_direction_f32": eq32[i], "exact_eq_per_direction_f64": eq64[i],
                         "probe_eq": probe_eq[i]}
@@ -234,7 +260,7 @@ def main(argv=None) -> int:
         "float64_values_median_abs": float(np.median(np.abs(v64s))),
         "float32_fraction_of_samples_with_error_above_value": float((np.abs(diffs) > np.abs(v64s)).mean()),
         "probe_total_eq": probe_total, "probe_measured_layers": probe_layers, "probe_directions_all_layers": probe_dirs,
-        "probe_eq_per_direction": probe_total / probe_dirs,
+        "probe_eq_per_direction": probe_total / probe_dirs, "probe_results": args.probe_results,
         "original_protocol_eq": L * len(MATRICES) * 100 * 2,
         "spearman_layers": float(rho), "spearman_layers_p": float(p), "spearman_layers_bootstrap_95": ci,
         "spearman_matrices": float(rho_m), "spearman_matrices_p": float(p_m),
@@ -253,9 +279,12 @@ def main(argv=None) -> int:
           f"median |float64 value| {report['float64_values_median_abs']:.2e}; float32 error > value in "
           f"{report['float32_fraction_of_samples_with_error_above_value']:.0%} of samples")
     how = "measured" if args.probe_layers == "all" else f"extrapolated from layers {probe_layers}"
-    print(f"(b) probe N={args.probe_n}, K={args.probes}, every layer: {probe_total:.0f} equivalents ({how}; "
-          f"{probe_dirs} directions, {probe_total / probe_dirs:.3f} each; target ≤ 600; original protocol "
-          f"{report['original_protocol_eq']:,})")
+    if args.probe_results:
+        print(f"(b) not measured: probe values from {args.probe_results}")
+    else:
+        print(f"(b) probe N={args.probe_n}, K={args.probes}, every layer: {probe_total:.0f} equivalents ({how}; "
+              f"{probe_dirs} directions, {probe_total / probe_dirs:.3f} each; target ≤ 600; original protocol "
+              f"{report['original_protocol_eq']:,})")
     print(f"(c) Spearman ρ probe vs exact float64 (N={args.exact_n}) over layers {layers}: {rho:.3f} (p {p:.3g}, "
           f"bootstrap 95% [{ci[0]:.2f}, {ci[1]:.2f}]); over the {len(exact_pm)} (layer, matrix) means: "
           f"{rho_m:.3f} (p {p_m:.3g})")

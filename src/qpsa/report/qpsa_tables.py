@@ -18,10 +18,11 @@ def _scale(values) -> int:
     return math.floor(math.log10(max(finite))) if finite else 0
 
 
-def _fmt(x, e: int, digits: int = 3) -> str:
+def _fmt(x, e: int) -> str:
+    """x / 10**e with 3 decimals (every value shown is below 10 in that unit; the JSON has them all)."""
     if x is None or not math.isfinite(x):
         return "n/a"
-    return f"{x / 10**e:.{digits}g}"
+    return f"{x / 10**e:.3f}"
 
 
 def _list(layers: list[int]) -> str:
@@ -47,14 +48,14 @@ def qpsa_report(console: Console, run) -> None:
     table.add_column("score±se", justify="right", no_wrap=True, min_width=10)
     table.add_column("rank", justify="right", no_wrap=True)
     for m in matrices:
-        table.add_column(SHORT.get(m, m), justify="right", no_wrap=True, min_width=5)
+        table.add_column(SHORT.get(m, m), justify="right", no_wrap=True, min_width=6)
     table.add_column("<floor", justify="right", no_wrap=True, min_width=6)
     for i in layers:
         pl, pm = d["per_layer"][str(i)], d["per_matrix"][str(i)]
         below = pl.get("below_floor")
-        se = "" if pl["se"] is None else f"±{_fmt(pl['se'], e, 2)}"
+        se = "" if pl["se"] is None else f"±{_fmt(pl['se'], e)}"
         table.add_row(str(i), _fmt(pl["score"], e) + se, str(rank.get(i, "-")),
-                      *(_fmt(pm[m]["mean"], e, 2) for m in matrices), "-" if below is None else f"{below:.0%}")
+                      *(_fmt(pm[m]["mean"], e) for m in matrices), "-" if below is None else f"{below:.0%}")
     console.print(table)
     base = run.base
     console.print(f"base PPL {base['ppl']:.4f} (mean NLL {base['nll']:.5f}) over {run.text.get('n_scored')} scored "
