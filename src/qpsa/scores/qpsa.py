@@ -16,10 +16,11 @@ Definitions (the full derivation and the rules at the grid's ends are in docs/qp
   attn_output, ffn_gate, ffn_up, ffn_down), drawn without replacement by
   numpy's default_rng([seed, layer, matrix index, stream]), so a layer's samples do not depend on
   which other layers are run.
-* Estimators: "exact" evaluates every sample on its own (both directions); "probe" moves all N
-  sampled units of a matrix together with random signs s ∈ {±1}^N, K probes, both ±s, and
-  divides the bidirectional average by N: an unbiased estimate, to second order, of the mean
-  per-unit value (cross terms s_j s_k H_jk vanish in expectation; Hutchinson).
+* Estimators: "exact" evaluates every sample on its own (both directions); "probe" draws, for each
+  of K probes, N fresh units of a matrix and moves them together with random signs
+  s ∈ {±1}^N, both ±s, and divides the bidirectional average by N: an unbiased estimate, to
+  second order, of the mean per-unit value (cross terms s_j s_k H_jk vanish in expectation;
+  Hutchinson); the spread over the K independent probes gives its standard error.
 * Layer score ("score"): the mean over the layer's 7 matrices of the per-matrix mean value
   (equal weight per matrix, since sampling is stratified), se by propagation. Everything else
   (per-matrix means, ΔNLL versions, first-order magnitudes, weight-count-weighted totals,
