@@ -2,7 +2,8 @@
 
 Used by tests and benchmarks to check q-psa against llama.cpp on the same file and text:
 token ids, and perplexity computed with llama-perplexity's own protocol (only the scored half of
-each window asks for logits, BOS replaces each window's first token where the vocabulary adds it).
+each window asks for logits, BOS replaces each window's first token where the vocabulary adds it);
+and `ggml_quantize`, ggml's own quantizer, to check `qpsa.gguf.quantize` byte for byte.
 """
 
 from __future__ import annotations
@@ -126,3 +127,68 @@ class LlamaCpp:
     def close(self):
         self.lc.llama_free(self.ctx_ptr)
         self.lc.llama_model_free(self.model)
+
+
+def llama_quantize(src, dst, file_type: int, threads: int | None = None, pure: bool = False) -> None:
+    """llama-quantize --allow-requantize SRC DST TYPE, through llama.cpp's own C function.
+
+    `file_type` is a LLAMA_FTYPE_MOSTLY_* value (gguf.LlamaFileType), no importance matrix.
+    """
+    lc = _llama_cpp()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    params.allow_requantize = True
+    params.pure = pure
+    params.nthread = threads or os.cpu_count() or 1
+    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise QpsaError(f"{src}: llama.cpp could not quantize it")
+
+
+_GGML_BASE = None
+
+
+def _ggml_base():
+    """The libggml-base.so bundled with llama-cpp-python, with ggml_quantize_chunk's signature declared."""
+    global _GGML_BASE
+    if _GGML_BASE is None:
+        lc = _llama_cpp()
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(lc.__file__), "lib", "libggml-base.so"))
+        # size_t ggml_quantize_chunk(enum ggml_type, const float *src, void *dst, int64_t start,
+        #                            int64_t nrows, int64_t n_per_row, const float *imatrix)
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ]
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        _GGML_BASE = lib
+    return _GGML_BASE
+
+
+def ggml_quantize(values: np.ndarray, qtype) -> np.ndarray:
+    """ggml's own quantizer, as llama-quantize runs it on a tensor without an importance matrix.
+
+    values: float32 (..., n), n a multiple of the type's block size -> uint8 (..., n // block_size * type_size),
+    from ggml_quantize_chunk(qtype, values, ..., imatrix=NULL) in llama-cpp-python's libggml-base.so.
+    ggml aborts the process on arguments it rejects, so they are checked here first.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qtype = GGMLQuantizationType(qtype)
+    lib = _ggml_base()
+    if lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise QpsaError(f"ggml cannot quantize to {qtype.name} without an importance matrix")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim == 0:
+        raise QpsaError("ggml_quantize needs at least one dimension")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_per_row = values.shape[-1]
+    if n_per_row % block_size:
+        raise QpsaError(f"{qtype.name}: row length {n_per_row} is not a multiple of the block size {block_size}")
+    n_rows = values.size // n_per_row if n_per_row else 0
+    out = np.empty((n_rows, n_per_row // block_size * type_size), dtype=np.uint8)
+    if out.size:
+        written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+        if written != out.size:
+            raise QpsaError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.size}")
+    return out.reshape(*values.shape[:-1], out.shape[1])
