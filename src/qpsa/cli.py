@@ -207,7 +207,7 @@ app.command()(prune)
 app.command()(loop)
 
 # Options that take several values: `--k 1 2 4` is read as `--k 1 --k 2 --k 4`.
-MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma")
+MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma", "--types")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -232,6 +232,12 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 from qpsa.scores.score_command import score  # noqa: E402
 
 app.command()(score)
+
+from qpsa.quant_commands import plan, requantize, sensitivity  # noqa: E402
+
+app.command()(requantize)
+app.command()(sensitivity)
+app.command()(plan)
 
 
 def _cli_exceptions() -> tuple[type, ...]:

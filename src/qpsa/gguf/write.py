@@ -68,6 +68,26 @@ def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -
         metadata[key] = [bool(config.swa_layers[i]) for i in keep]
         types[key] = (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
 
+    def tensors():
+        by_layer: dict[int, list] = {}
+        for name, t in gguf_file.tensors.items():
+            m = _LAYER.match(name)
+            if m is None:
+                yield name, t.qtype, t.shape, t.raw
+            else:
+                by_layer.setdefault(int(m.group(1)), []).append((m.group(2), t))
+        for new, old in enumerate(keep):  # a layer listed twice is written twice: a repeated layer
+            for suffix, t in by_layer.get(old, []):
+                yield f"blk.{new}.{suffix}", t.qtype, t.shape, t.raw
+
+    return write_gguf(gguf_file, metadata, types, tensors(), out)
+
+
+def write_gguf(gguf_file: GGUFFile, metadata: dict, types: dict, tensors, out: Path) -> Path:
+    """Write a GGUF atomically: `metadata` (with `types`, the value types of its keys, as
+    GGUFLayout.value_types gives them), `gguf_file`'s alignment, and `tensors`, an iterable of
+    (name, qtype, shape in numpy order, raw bytes in the GGML layout of qtype)."""
+    arch = metadata["general.architecture"]
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -81,16 +101,8 @@ def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -
         if gguf_file.layout.alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
             writer.data_alignment = gguf_file.layout.alignment
             writer.add_uint32("general.alignment", gguf_file.layout.alignment)
-        by_layer: dict[int, list] = {}
-        for name, t in gguf_file.tensors.items():
-            m = _LAYER.match(name)
-            if m is None:
-                _add_raw(writer, name, t)
-            else:
-                by_layer.setdefault(int(m.group(1)), []).append((m.group(2), t))
-        for new, old in enumerate(keep):  # a layer listed twice is written twice: a repeated layer
-            for suffix, t in by_layer.get(old, []):
-                _add_raw(writer, f"blk.{new}.{suffix}", t)
+        for name, qtype, shape, raw in tensors:
+            _add_raw(writer, name, qtype, shape, raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -104,11 +116,11 @@ def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -
     return out
 
 
-def _add_raw(writer: gguf.GGUFWriter, name: str, t) -> None:
+def _add_raw(writer: gguf.GGUFWriter, name: str, qtype, shape, raw) -> None:
     """Add a tensor's bytes unchanged: uint8 rows of the quantized layout, shape in numpy order."""
-    data = np.asarray(t.raw).reshape(*t.shape[:-1], -1)  # (rows…, bytes per row)
-    if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        data = data.view(np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+    data = np.asarray(raw).reshape(*shape[:-1], -1)  # (rows…, bytes per row)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        data = data.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
         writer.add_tensor(name, data)
         return
-    writer.add_tensor(name, data, raw_dtype=t.qtype)  # shape derived from the byte shape
+    writer.add_tensor(name, data, raw_dtype=qtype)  # shape derived from the byte shape

@@ -33,6 +33,7 @@ class LoadedModel:
     model: Transformer
     tokenizer: Tokenizer
     load_seconds: float
+    requantized: list | None = None  # TensorChoice per tensor when the weights were requantized in memory
 
     @property
     def path(self) -> Path:

@@ -72,3 +72,28 @@ def agreement_heatmap(path: Path, names: list[str], matrix: list[list[float]], t
 
 def _short(unit: str) -> str:
     return unit if len(unit) <= 40 else unit[:37] + "…"
+
+
+def quant_sensitivity_plot(path: Path, result, title: str) -> None:
+    """Mean KLD (log axis) and ΔPPL per group, ± one standard error."""
+    rows = result.rows
+    names = [r.group.name.replace("layer ", "").replace(".weight", "") for r in rows]
+    x = list(range(len(rows)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.22 * len(rows) + 2), 6), sharex=True)
+    top.bar(x, [max(r.stats.kld, 1e-12) for r in rows], yerr=[r.stats.kld_se for r in rows], color="#4C72B0", capsize=2)
+    top.set_yscale("log")
+    top.set_ylabel("mean KLD (nats/token)")
+    top.grid(axis="y", alpha=0.3)
+    dppl = [r.stats.dppl for r in rows]
+    dppl_se = [r.stats.ppl * r.stats.dnll_se for r in rows]
+    bottom.bar(x, dppl, yerr=dppl_se, color="#DD8452", capsize=2)
+    bottom.axhline(0, color="black", linewidth=0.5)
+    bottom.set_ylabel("ΔPPL")
+    bottom.grid(axis="y", alpha=0.3)
+    bottom.set_xticks(x)
+    bottom.set_xticklabels(names, rotation=90, fontsize=7)
+    bottom.set_xlabel(result.granularity)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""Console rendering of requantization, quantization sensitivity and mixed-precision plans (computes nothing)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from qpsa.report.tables import _bytes
+
+
+def requantize_report(console: Console, r: dict) -> None:
+    """Tensors grouped by (source type -> target type, reason), then sizes before and after."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for t in r["tensors"]:
+        groups[(t["source"], t["target"], t["why"])].append(t)
+    table = Table(title=f"{r['model']['path']} -> {r['output'] or '(dry run)'}")
+    for col, justify in (("from", "left"), ("to", "left"), ("why", "left"), ("tensors", "right"), ("bytes", "right"),
+                         ("example", "left")):
+        table.add_column(col, justify=justify)
+    for (source, target, why), tensors in sorted(groups.items(), key=lambda kv: -sum(t["bytes"] for t in kv[1])):
+        table.add_row(source, target, why, str(len(tensors)), _bytes(sum(t["bytes"] for t in tensors)), tensors[0]["name"])
+    console.print(table)
+    b, a = r["before"], r["after"]
+    console.print(f"tensor data {_bytes(b['tensor_bytes'])} at {b['bits_per_weight']:.3f} bits/weight -> "
+                  f"{_bytes(a['tensor_bytes'])} at {a['bits_per_weight']:.3f} bits/weight; "
+                  f"{a['changed']} of {a['tensors']} tensors re-encoded in {r['seconds']:.1f} s")
+
+
+def sensitivity_report(console: Console, result, header: dict) -> None:
+    """One row per group in model order; rank 1 is the most sensitive (largest mean KLD)."""
+    order = sorted(range(len(result.rows)), key=lambda k: -result.rows[k].stats.kld)
+    rank = {k: n + 1 for n, k in enumerate(order)}
+    table = Table(title=f"Each {result.granularity} alone requantized to {result.qtype}, against the unmodified model "
+                        f"(PPL {result.ppl_base:.4f}, {result.n_tokens} tokens)")
+    for col in ("rank", "group", "MiB", "KLD ± se", "p99", "ΔPPL ± se", "same top"):
+        table.add_column(col, justify="left" if col == "group" else "right", no_wrap=True)
+    for k, r in enumerate(result.rows):
+        s = r.stats
+        fallback = sorted({t for t in r.types.values() if t != result.qtype})
+        name = r.group.name + (f" ({', '.join(fallback)})" if fallback else "")
+        table.add_row(str(rank[k]), name, f"{r.bytes_before / 2**20:.2f}→{r.bytes / 2**20:.2f}",
+                      f"{s.kld:.2e} ± {s.kld_se:.0e}", f"{s.kld_p99:.1e}", f"{s.dppl:+.3f} ± {s.ppl * s.dnll_se:.3f}",
+                      f"{100 * s.same_top:.1f}%")
+    console.print(table)
+    console.print(f"types in brackets: fallbacks where {result.qtype} cannot encode a tensor's rows. "
+                  f"Text {header['text']['name']} (sha256 {header['text']['sha256'][:12]}…), {header['windows']}; "
+                  f"{result.seconds:.0f} s")
+
+
+def plan_report(console: Console, r) -> None:
+    """The chosen type per group, then the plan checked against uniform types on held-out text."""
+    table = Table(title=f"Plan at {r.target_bpw} bits/weight ({r.granularity} granularity, types {' '.join(r.types)})")
+    for col in ("group", "type", "MiB", "predicted KLD ± se"):
+        table.add_column(col, justify="left" if col in ("group", "type") else "right", no_wrap=True)
+    for g in r.groups:
+        table.add_row(g["group"], g["type"], f"{g['bytes'] / 2**20:.2f}", f"{g['predicted_kld']:.2e} ± {g['predicted_kld_se']:.1e}")
+    console.print(table)
+    check = Table(title="Checked on the held-out span, against the unmodified model")
+    for col in ("model", "bpw", "MiB", "predicted KLD", "KLD ± se", "p99", "PPL", "ΔPPL ± se", "same top"):
+        check.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for m in [r.plan, *r.uniform]:
+        s = m.stats
+        predicted = f"{m.predicted_kld:.2e} ± {m.predicted_kld_se:.0e}" if m.predicted_kld is not None else "-"
+        check.add_row(m.label, f"{m.bits_per_weight:.3f}", f"{m.n_bytes / 2**20:.2f}", predicted,
+                      f"{s.kld:.2e} ± {s.kld_se:.0e}", f"{s.kld_p99:.1e}", f"{s.ppl:.3f}",
+                      f"{s.dppl:+.3f} ± {s.ppl * s.dnll_se:.3f}", f"{100 * s.same_top:.1f}%")
+    console.print(check)
+    console.print(f"unmodified PPL {r.plan.stats.ppl_base:.4f} on the held-out span; plan made in {r.seconds:.0f} s")
