@@ -234,8 +234,11 @@ from qpsa.scores.score_command import score  # noqa: E402
 app.command()(score)
 
 from qpsa.compare_command import compare  # noqa: E402
-
 app.command()(compare)
+
+from qpsa.noise_command import noise  # noqa: E402
+
+app.command()(noise)
 
 from qpsa.quant_commands import plan, requantize, sensitivity  # noqa: E402
 
