@@ -273,3 +273,23 @@ def test_smollm2_requantized_like_llama_quantize(tmp_path, wikitext, llama_cpp, 
 
     ours_in_qpsa = perplexity(loaded.model, make_windows(loaded.tokenizer, wikitext, 512, 4)).ppl
     assert ours_in_qpsa == pytest.approx(ppl["ours"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_smollm2_plan_beats_the_uniform_type_of_equal_or_larger_size(capsys, tmp_path, wikitext):
+    """The issue's check: a plan at a budget has a lower measured mean KLD (held-out windows) than
+    llama-quantize's uniform type whose file is at least as large."""
+    from conftest import bundled_path
+
+    text = tmp_path / "wiki.txt"
+    text.write_text(wikitext[:200_000])
+    code, stdout, err = cli(capsys, "plan", bundled_path("smollm2-135m"), "--target-bpw", 5.3, "--types", "q8_0",
+                            "q4_0", "--text", text, "--chunks", 1, "--out", tmp_path / "plan", "--json")
+    assert code == 0, err
+    plan = json.loads(stdout)
+    larger = [u for u in plan["uniform"] if u["bytes"] >= plan["plan"]["bytes"]]
+    assert larger, "a uniform type at least as large as the plan is measured"
+    print(f"plan {plan['plan']['bits_per_weight']:.3f} bpw KLD {plan['plan']['kld']:.4f}; "
+          + "; ".join(f"{u['label']} {u['bits_per_weight']:.3f} bpw KLD {u['kld']:.4f}" for u in plan["uniform"]))
+    assert plan["plan"]["bits_per_weight"] <= 5.3
+    assert all(plan["plan"]["kld"] < u["kld"] for u in larger)
