@@ -33,3 +33,18 @@ def cache_root() -> Path:
     root = Path(os.environ.get("QPSA_CACHE") or Path.home() / ".cache" / "q-psa").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def read_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """A file's bytes; a missing, directory or unreadable path is one QpsaError line naming `what` it should be."""
+    from qpsa.errors import QpsaError
+
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise QpsaError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise QpsaError(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise QpsaError(f"{path}: cannot read: {e.strerror}") from None

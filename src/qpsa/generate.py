@@ -45,15 +45,10 @@ FORMATS = {
 
 def read_prompts(path) -> list[str]:
     """One prompt per non-blank line of a UTF-8 file (surrounding whitespace dropped)."""
+    from qpsa.fsutil import read_bytes
+
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise QpsaError(f"{path}: no such prompts file") from None
-    except IsADirectoryError:
-        raise QpsaError(f"{path}: is a directory, not a prompts file") from None
-    except OSError as e:
-        raise QpsaError(f"{path}: cannot read: {e.strerror}") from None
+    data = read_bytes(path, "prompts file")
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:

@@ -47,15 +47,10 @@ def default_text() -> EvalText:
 
 def text_from_file(path: str | Path) -> EvalText:
     """A UTF-8 text file. A leading BOM is dropped; NUL bytes and invalid UTF-8 are refused."""
+    from qpsa.fsutil import read_bytes
+
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise QpsaError(f"{path}: is a directory, not a text file") from None
-    except FileNotFoundError:
-        raise QpsaError(f"{path}: no such text file") from None
-    except OSError as e:
-        raise QpsaError(f"{path}: cannot read: {e.strerror}") from None
+    data = read_bytes(path, "text file")
     nul = data.find(b"\x00")
     if nul >= 0:
         raise QpsaError(f"{path}: contains a NUL byte at byte {nul}; not a text file")
