@@ -265,3 +265,27 @@ def test_unsupported_architecture(tmp_path):
     message = str(e.value)
     assert "falcon" in message
     assert all(arch in message for arch in ("llama", "qwen2", "gemma3"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_perplexity_does_not_depend_on_the_window_batch(tmp_path, arch, monkeypatch):
+    """Windows batched through the layers, and several windows' logits in one head buffer, give the
+    same token NLLs as one window at a time and as torch.logsumexp − target logit."""
+    import qpsa.eval.perplexity as P
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=Q.Q8_0, n_layer=2, seed=3)
+    model = load_model(str(path)).model
+    gen = torch.Generator().manual_seed(0)
+    windows = P.Windows(torch.randint(0, model.config.vocab_size, (5, 24), generator=gen), 12, "test")
+    one = P.perplexity(model, windows, batch_size=1)
+    per_window = model.logits(model.run_layers(model.embed(windows.tokens), range(2), torch.arange(24)))
+    z = per_window[:, 12:-1]
+    expected = (torch.logsumexp(z, -1) - z.gather(-1, windows.tokens[:, 13:, None])[..., 0]).double()
+    got = torch.stack(P.window_nlls(model, windows.tokens, 12))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # a head buffer of two windows' logits: groups of 2, 2 and 1 within a batch of 5
+    monkeypatch.setattr(P, "HEAD_BUFFER_BYTES", 2 * 11 * model.config.vocab_size * 4)
+    for batch in (2, 4, 5):
+        r = P.perplexity(model, windows, batch_size=batch)
+        assert r.ppl == pytest.approx(one.ppl, rel=1e-6)
+        assert [w["window"] for w in r.running] == [1, 2, 3, 4, 5]

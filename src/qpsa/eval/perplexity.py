@@ -34,7 +34,10 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.model.tokenizer import Tokenizer
-from qpsa.model.transformer import Transformer
+from qpsa.model.transformer import Transformer, token_nll_
+
+WINDOW_BATCH = 4  # windows per forward through the layers (see window_nlls)
+HEAD_BUFFER_BYTES = 600 * 2**20  # logits of at most this many bytes at once: 2 windows of Gemma 3's 262k vocabulary
 
 
 @dataclass
@@ -83,25 +86,40 @@ def make_windows(
     return Windows(windows, ctx // 2, f"{n} windows of {ctx} tokens, second half scored ({ctx - 1 - ctx // 2} each)")
 
 
-def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:
-    """NLL (float64) of each scored token of one window (T,): logits at score_from … T−2."""
-    T = window.shape[0]
+def window_nlls(model: Transformer, windows: torch.Tensor, score_from: int) -> list[torch.Tensor]:
+    """NLL (float64) of each scored token of each window (B, T): logits at score_from … T−2.
+
+    The layers run on the B windows as one batch, and the output head on as many windows' scored
+    halves at once as fit in HEAD_BUFFER_BYTES of logits (one reused buffer): on 2 CPU cores a
+    head matmul over 510 rows runs ~15% faster than over 255, and the layers' matmuls gain a
+    few percent from the batch."""
+    B, T = windows.shape
+    S = T - 1 - score_from
+    per_window = S * model.config.vocab_size * model.dtype.itemsize
+    group = max(1, min(B, HEAD_BUFFER_BYTES // per_window))
     with torch.inference_mode():
         positions = torch.arange(T)
-        h = model.run_layers(model.embed(window[None]), range(model.config.n_layer), positions)  # (1, T, C)
-        logits = model.logits(h[:, score_from:-1], out=_head_buffer(model, T - 1 - score_from))[0]  # (S, V)
-        targets = window[score_from + 1 :, None]  # (S, 1)
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets)[:, 0]  # (S,)
-        return nll.double()
+        h = model.run_layers(model.embed(windows), range(model.config.n_layer), positions)  # (B, T, C)
+        out = []
+        for first in range(0, B, group):
+            rows = h[first : first + group, score_from:-1]  # (g, S, C)
+            logits = model.logits(rows, out=_head_buffer(model, rows.shape[0], S))  # (g, S, V)
+            out.extend(token_nll_(logits, windows[first : first + group, score_from + 1 :]).double().unbind(0))
+        return out
 
 
-def _head_buffer(model: Transformer, n: int) -> torch.Tensor:
-    """One logits buffer per model and window shape, reused across windows."""
-    key = (n, model.config.vocab_size, model.dtype)
+def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:
+    """NLL (float64) of each scored token of one window (T,)."""
+    return window_nlls(model, window[None], score_from)[0]
+
+
+def _head_buffer(model: Transformer, g: int, n: int) -> torch.Tensor:
+    """One logits buffer (g, n, V) per model and shape, reused across windows."""
+    key = (g, n, model.config.vocab_size, model.dtype)
     cache = model.__dict__.setdefault("_head_buffers", {})
     if key not in cache:
         cache.clear()
-        cache[key] = torch.empty(1, n, model.config.vocab_size, dtype=model.dtype)
+        cache[key] = torch.empty(g, n, model.config.vocab_size, dtype=model.dtype)
     return cache[key]
 
 
@@ -135,18 +153,21 @@ def summarize(nll: torch.Tensor) -> tuple[float, float, float, float]:
 
 
 def perplexity(
-    model: Transformer, windows: Windows, progress: Callable[[int, int, float], None] | None = None
+    model: Transformer, windows: Windows, progress: Callable[[int, int, float], None] | None = None,
+    batch_size: int = WINDOW_BATCH,
 ) -> PerplexityResult:
-    """Run every window; `progress(done, total, running_ppl)` is called after each."""
+    """Run every window, `batch_size` windows per forward; `progress(done, total, running_ppl)` is
+    called after each window. The figures do not depend on the batch size beyond float32 rounding."""
     start = time.perf_counter()
     nlls, running = [], []
     n, T = windows.tokens.shape
-    for i in range(n):
-        nlls.append(token_nll(model, windows.tokens[i], windows.score_from))
-        ppl, se, _, _ = summarize(torch.cat(nlls))
-        running.append({"window": i + 1, "ppl": ppl, "ppl_se": se})
-        if progress:
-            progress(i + 1, n, ppl)
+    for first in range(0, n, batch_size):
+        for nll in window_nlls(model, windows.tokens[first : first + batch_size], windows.score_from):
+            nlls.append(nll)
+            ppl, se, _, _ = summarize(torch.cat(nlls))
+            running.append({"window": len(nlls), "ppl": ppl, "ppl_se": se})
+            if progress:
+                progress(len(nlls), n, ppl)
     seconds = time.perf_counter() - start
     ppl, ppl_se, nll, nll_se = summarize(torch.cat(nlls))
     return PerplexityResult(

@@ -204,6 +204,23 @@ class Transformer:
         return (dist >= 0) & (dist < self.config.sliding_window)
 
 
+def token_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL of each position, logsumexp(z) − z[target], from logits z (..., V) and targets (...).
+
+    The same arithmetic as `torch.logsumexp` (max, exp of the difference, sum, log), done in place:
+    **`logits` is overwritten**. On a 262k vocabulary, logsumexp's temporary copy of the logits
+    (267 MB for one window's scored half, page-faulted afresh each call) cost as much as a
+    quarter of a perplexity window; in place it costs three passes over memory. Where autograd
+    records `logits`, the out-of-place `torch.logsumexp` is used instead (same values).
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]
+    target = logits.gather(-1, targets[..., None])[..., 0]
+    top = logits.amax(dim=-1, keepdim=True)
+    lse = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top[..., 0])
+    return lse.sub_(target)
+
+
 def param_count(model: Transformer) -> int:
     seen, total = set(), 0
     for name, t in model.weights.items():

@@ -45,6 +45,7 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.dequant import dequantize
+from qpsa.model.transformer import token_nll_
 from qpsa.scores.base import EvalTokens, LayerScores, LayerStates
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -335,8 +336,7 @@ def chunked_nll(model, h: torch.Tensor, tokens: torch.Tensor, chunk: int = NLL_C
     out = torch.empty(T - 1, dtype=torch.float64)
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
-        z = model.logits(h[:, s:e])[0]  # (c, V)
-        out[s:e] = (torch.logsumexp(z, dim=-1) - z.gather(1, targets[s:e, None])[:, 0]).double()
+        out[s:e] = token_nll_(model.logits(h[:, s:e])[0], targets[s:e]).double()  # logits (c, V)
     return out
 
 
