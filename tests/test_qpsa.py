@@ -34,6 +34,7 @@ from qpsa.scores.qpsa import (
     matrix_summary,
     move_codes,
     parse_layers,
+    plan_layer,
     plan_matrix,
     score_qpsa,
 )
@@ -163,13 +164,15 @@ def _full_nll(loaded, weights, tokens) -> torch.Tensor:
 
 
 def _brute_force_dnll(loaded, tokens, base_nll, layer, matrix, move) -> float:
-    """ΔNLL from a model rebuilt from the perturbed bytes: the whole tensor re-dequantized, full forward."""
-    name = f"blk.{layer}.{matrix}.weight"
-    t = loaded.file.tensors[name]
-    raw = np.array(t.raw).reshape(-1, t.type_size)
-    raw[move.blocks] = move.new
+    """ΔNLL from a model rebuilt from the perturbed bytes: the whole tensor re-dequantized, full forward.
+    `move` is a Move of `matrix`, or a list of (matrix, Move) applied together."""
     weights = {n: tt.to_torch() for n, tt in loaded.file.tensors.items()}
-    weights[name] = dequantize(raw.reshape(-1), t.qtype, t.shape)
+    for m, mv in [(matrix, move)] if matrix is not None else move:
+        name = f"blk.{layer}.{m}.weight"
+        t = loaded.file.tensors[name]
+        raw = np.array(t.raw).reshape(-1, t.type_size)
+        raw[mv.blocks] = mv.new
+        weights[name] = dequantize(raw.reshape(-1), t.qtype, t.shape)
     return float((_full_nll(loaded, weights, tokens) - base_nll).mean())
 
 
@@ -200,11 +203,17 @@ def test_identity_layer_moves_change_nothing(tmp_path):
     """attn_output = ffn_down = 0 in layer 1: its output is its input exactly, whatever q/k/v/gate/up hold.
     (In Q8_0 the zero matrices have scale 0, so their own moves are exactly zero too.)"""
     path = write_tiny_gguf(tmp_path / "id.gguf", "llama", n_layer=3, qtype=Q.Q8_0, identity_layer=1)
-    for estimator in ("exact", "probe"):
+    for estimator, scope in (("exact", "layer"), ("probe", "matrix"), ("probe", "layer")):
         settings = QpsaSettings(samples_per_matrix=4, max_tokens=40, estimator=estimator, probes=2,
-                                precision="float64")
+                                precision="float64", probe_scope=scope)
         loaded, tokens = _load(path, settings)
         scores = score_qpsa(loaded, tokens, settings, noise_floor=False).scores
+        if settings.layer_probes:
+            raw = scores.details["samples"]["1"]["layer"]
+            assert len(raw["dnll_plus"]) == 2 and all(v == 0.0 for v in raw["dnll_plus"] + raw["dnll_minus"])
+            assert scores.details["per_layer"]["1"]["se"] == 0.0 and scores.details["per_matrix"] == {}
+            assert scores.scores[1] == 0.0 and scores.scores[0] != 0.0 and scores.scores[2] != 0.0
+            continue
         pm = scores.details["per_matrix"]
         for m in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
             raw = scores.details["samples"]["1"][m]
@@ -253,6 +262,50 @@ def test_probe_mean_approaches_the_exact_mean_over_the_whole_matrix(tmp_path):
         assert abs(sp["mean_nll"] - se["mean_nll"]) <= tol, (m, se["mean_nll"], sp["mean_nll"], sp["se_nll"])
         # the probes' first-order RMS estimate matches the per-weight RMS in order of magnitude
         assert 0.5 < sp["first_order_rms"] / se["first_order_rms"] < 2
+
+
+def test_layer_probe_moves_every_matrix_of_the_layer_exactly(tmp_path):
+    """A layer-scope probe moves probe k's units of every matrix (the same units and signs as that
+    matrix's own probe k) together, and its batched ΔNLL equals a forward of the model rebuilt from
+    all seven perturbed tensors."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", "qwen2", n_layer=2, qtype=Q.Q5_1, seed=5)
+    settings = QpsaSettings(samples_per_matrix=3, max_tokens=24, precision="float64", estimator="probe", probes=3)
+    assert settings.probe_scope == "layer" and settings.probes == 3
+    assert QpsaSettings(estimator="probe").probes == 16 and QpsaSettings(estimator="probe", probe_scope="matrix").probes == 2
+    loaded, tokens = _load(path, settings)
+    plan = plan_layer(loaded.file, settings, 1)
+    assert plan.n_sampled == 3 * len(MATRICES) and len(plan.directions) == 6
+    for m in MATRICES:
+        alone = plan_matrix(loaded.file, QpsaSettings(**{**vars(settings), "probe_scope": "matrix"}), 1, m)
+        assert [probe[m] for probe in plan.index] == alone.index
+        assert all((dict(x)[m].delta == y.delta).all() for x, y in zip(plan.directions, alone.directions))
+    ev = Evaluator(loaded.model, tokens.tokens, 4)
+    raw = evaluate_plan(ev, plan)
+    base_nll = _full_nll(loaded, {n: t.to_torch() for n, t in loaded.file.tensors.items()}, tokens)
+    for k, sign in ((0, 0), (0, 1), (2, 1)):
+        got = (raw["dnll_plus"], raw["dnll_minus"])[sign][k]
+        assert got == pytest.approx(_brute_force_dnll(loaded, tokens, base_nll, 1, None, plan.directions[2 * k + sign]),
+                                    abs=1e-12, rel=1e-9)
+
+
+def test_layer_probe_mean_approaches_the_layer_score(tmp_path):
+    """Layer-scope probes estimate the equal-weight mean over the 7 matrices of their mean per-weight
+    values; here those means are computed exactly (every movable weight on its own)."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=2, n_embd=32, n_head=2, n_head_kv=1, n_ff=32,
+                           qtype=Q.Q4_1, std=0.04)
+    everything = QpsaSettings(samples_per_matrix=10**6, max_tokens=24, precision="float64", batch_size=64)
+    probe = QpsaSettings(samples_per_matrix=8, max_tokens=24, precision="float64", batch_size=64,
+                         estimator="probe", probes=96)
+    loaded, tokens = _load(path, everything)
+    ev = Evaluator(loaded.model, tokens.tokens, 64)
+    exact = [matrix_summary(evaluate_plan(ev, plan_matrix(loaded.file, everything, 1, m)), ev.base_ppl, "exact", None)
+             for m in MATRICES]
+    assert all(e["n_samples"] > 8 for e in exact)
+    layer_mean = sum(e["mean_nll"] for e in exact) / len(MATRICES)
+    sp = matrix_summary(evaluate_plan(ev, plan_layer(loaded.file, probe, 1)), ev.base_ppl, "probe", None)
+    assert sp["n_samples"] == 96 and sp["total_nll"] is None
+    tol = 4 * sp["se_nll"] + 0.1 * abs(layer_mean)
+    assert abs(sp["mean_nll"] - layer_mean) <= tol, (layer_mean, sp["mean_nll"], sp["se_nll"])
 
 
 def test_byte_unit_counts_nonfinite_in_n_skipped(tmp_path):
@@ -334,7 +387,7 @@ def test_score_command_json_table_and_files(tmp_path, prose, capsys):
     (["--max-tokens", 1], "--max-tokens"), (["--max-tokens", 100000], "context length"),
     (["--layers", "2"], "out of range"), (["--layers", "0,0"], "twice"), (["--layers", ""], "empty"),
     (["--unit", "nibble"], "--unit"), (["--estimator", "probe", "--unit", "byte"], "byte"),
-    (["--precision", "half"], "--precision"),
+    (["--precision", "half"], "--precision"), (["--estimator", "probe", "--probe-scope", "row"], "--probe-scope"),
 ])
 def test_score_command_bad_arguments(tmp_path, prose, capsys, args, needle):
     path = write_tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=2)

@@ -33,7 +33,7 @@ BASELINE_METHODS = ("layer_ablation", "weight_norm", "random", "block_influence"
 class StudyPlan:
     max_tokens: int = 500  # the original study's evaluation length; the held-out span has as many
     samples_per_matrix: int = 100  # Q-PSA's N, as in the original study
-    probes: int = 2
+    probes: int = 12  # layer-scope probes per layer: 12 × 2 directions × 30 layers ≈ 360 forwards on SmolLM2
     convergence_n: tuple[int, ...] = (25, 50)  # smaller N, each ranked against the main N …
     convergence_every: int = 3  # … on every third layer (0, 3, 6, …), to keep the study's cost down
     prune_k: tuple[int, ...] = (1, 2, 4, 8)
@@ -42,7 +42,7 @@ class StudyPlan:
 
     @classmethod
     def quick(cls) -> StudyPlan:
-        return cls(max_tokens=256, samples_per_matrix=25, probes=1, convergence_n=(10,), prune_k=(1, 2, 4),
+        return cls(max_tokens=256, samples_per_matrix=25, probes=4, convergence_n=(10,), prune_k=(1, 2, 4),
                    loop_k=(1, 2))
 
 
@@ -100,14 +100,14 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, bar=None, lo
 
     def qpsa_at(n: int, layers: list[int]) -> LayerScores:
         settings = QpsaSettings(samples_per_matrix=n, seed=plan.seed, max_tokens=plan.max_tokens,
-                                estimator="probe", probes=plan.probes)
-        with open_bar(f"qpsa N={n}", len(layers) * 7) as advance:
+                                estimator="probe", probes=plan.probes, probe_scope="layer")
+        with open_bar(f"qpsa N={n}", len(layers)) as advance:
             return score_qpsa(loaded, tokens, settings, layers=layers, progress=advance, noise_floor=False).scores
 
     main = qpsa_at(plan.samples_per_matrix, list(range(n_layer)))
     run.methods["qpsa"] = main
     run.settings["qpsa"] = {"estimator": "probe", "samples_per_matrix": plan.samples_per_matrix,
-                            "probes": plan.probes, "unit": "weight", "precision": "float32"}
+                            "probes": plan.probes, "probe_scope": "layer", "unit": "weight", "precision": "float32"}
     convergence = []
     subset = list(range(0, n_layer, plan.convergence_every))
     for n in plan.convergence_n:
@@ -169,6 +169,13 @@ def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
                                   "agreement.png")]
 
 
+def _qpsa_setup(q: dict) -> str:
+    if not q:
+        return ""
+    return (f"Q-PSA: {q['estimator']} estimator, N = {q['samples_per_matrix']} weights per matrix, "
+            f"K = {q['probes']} {q.get('probe_scope', 'matrix')}-scope probes, unit {q['unit']}, {q['precision']}.")
+
+
 def results_markdown(r: StudyResult) -> str:
     s = r.scores
     lines = [f"# Q-PSA study: {r.model['name']}", "",
@@ -177,7 +184,8 @@ def results_markdown(r: StudyResult) -> str:
              f"rankings on tokens {s.text['start_token']}… ({s.text['n_tokens']} tokens), validation on the held-out "
              f"span starting at token {r.prune.eval_text['start_token']} ({r.prune.eval_text['n_tokens']} tokens). "
              f"Base PPL {s.base['ppl']:.4f} (ranking span), {r.prune.base_ppl:.4f} (held-out span). "
-             f"Total time {r.seconds / 60:.1f} min; one forward pass = {r.forward_seconds:.3f} s.", "",
+             f"Total time {r.seconds / 60:.1f} min; one forward pass = {r.forward_seconds:.3f} s. "
+             + _qpsa_setup(r.scores.settings.get("qpsa", {})), "",
              "## Pruning: PPL ratio when the K least important layers are removed", "",
              _edit_table(r.prune), "", "![pruning](prune.png)", "",
              "## Looping: PPL ratio when each of the K most important layers runs twice", "",

@@ -33,17 +33,20 @@ def qpsa_report(console: Console, run) -> None:
     s = run.methods["qpsa"]
     d = s.details
     layers = d["layers"]
-    matrices = d["matrices"]
+    per_matrix = d.get("per_matrix") or {}
+    matrices = d["matrices"] if per_matrix else []  # layer-scope probes have no per-matrix breakdown
     order = [i for i in reversed(s.ranking()) if s.scores[i] is not None]  # most important first
     rank = {layer: r + 1 for r, layer in enumerate(order)}
     e = _scale([d["per_layer"][str(i)]["score"] for i in layers]
-               + [d["per_matrix"][str(i)][m]["mean"] for i in layers for m in matrices])
+               + [per_matrix[str(i)][m]["mean"] for i in layers for m in matrices])
     unit = f"×1e{e}" if e else ""
     title = (f"Q-PSA per layer: {d['estimator']} estimator, unit {d['unit']}, {d['precision']}, "
-             f"N={d['samples_per_matrix']}/matrix" + (f", K={d['probes']} probes" if d.get("probes") else ""))
+             f"N={d['samples_per_matrix']}/matrix"
+             + (f", K={d['probes']} probes per {d.get('probe_scope', 'matrix')}" if d.get("probes") else ""))
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False,
-                  caption=f"values {unit or 'as is'}: ½(ΔPPL(+)+ΔPPL(−)) per {d['unit']} moved; score = mean of the "
-                          "7 matrix columns; rank 1 = most important")
+                  caption=f"values {unit or 'as is'}: ½(ΔPPL(+)+ΔPPL(−)) per {d['unit']} moved; score = "
+                          + ("mean of the 7 matrix columns" if matrices else "mean over units moved in all 7 matrices "
+                             "at once (layer-scope probes)") + "; rank 1 = most important")
     table.add_column("layer", justify="right", no_wrap=True)
     table.add_column("score±se", justify="right", no_wrap=True, min_width=10)
     table.add_column("rank", justify="right", no_wrap=True)
@@ -51,7 +54,7 @@ def qpsa_report(console: Console, run) -> None:
         table.add_column(SHORT.get(m, m), justify="right", no_wrap=True, min_width=6)
     table.add_column("<floor", justify="right", no_wrap=True, min_width=6)
     for i in layers:
-        pl, pm = d["per_layer"][str(i)], d["per_matrix"][str(i)]
+        pl, pm = d["per_layer"][str(i)], per_matrix.get(str(i), {})
         below = pl.get("below_floor")
         se = "" if pl["se"] is None else f"±{_fmt(pl['se'], e)}"
         table.add_row(str(i), _fmt(pl["score"], e) + se, str(rank.get(i, "-")),

@@ -12,7 +12,7 @@ rename: `qpsa.fsutil.write_atomic`) after the noise floor and after every finish
         "environment": {"torch", "threads"},
         "base_nll": mean NLL of the unperturbed model,
         "noise_floor": {...} or null,
-        "units": {"<layer>/<matrix>": raw per-matrix result (sampled units, ΔNLL(±) per sample, …)}}}
+        "units": {"<layer>/<matrix>" (or "<layer>/layer" for layer-scope probes): raw result (sampled units, ΔNLL(±) per sample, …)}}}
 
 `--resume` takes the finished units as they are and computes only the rest. A checkpoint whose
 header differs from the run's (another model, text, span or setting) is refused with one line
@@ -39,7 +39,7 @@ _UNIT_FIELDS = ("layer", "matrix", "n_units", "n_sampled", "sampled", "kept", "s
 _SECTION = {"model": "model", "text": "text"}
 _OPTION = {"samples_per_matrix": "--samples-per-matrix", "seed": "--seed", "max_tokens": "--max-tokens",
            "unit": "--unit", "estimator": "--estimator", "probes": "--probes", "precision": "--precision",
-           "batch_size": "--batch-size", "algorithm": "the q-psa algorithm version"}
+           "batch_size": "--batch-size", "probe_scope": "--probe-scope", "algorithm": "the q-psa algorithm version"}
 
 
 def checkpoint_path(out: str | Path) -> Path:

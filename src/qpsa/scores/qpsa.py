@@ -20,7 +20,10 @@ Definitions (the full derivation and the rules at the grid's ends are in docs/qp
   of K probes, N fresh units of a matrix and moves them together with random signs
   s ∈ {±1}^N, both ±s, and divides the bidirectional average by N: an unbiased estimate, to
   second order, of the mean per-unit value (cross terms s_j s_k H_jk vanish in expectation;
-  Hutchinson); the spread over the K independent probes gives its standard error.
+  Hutchinson); the spread over the K independent probes gives its standard error. With
+  `probe_scope="layer"` (the default) one probe moves the N units of *each* of the layer's 7
+  matrices together (7N units) and estimates the layer score directly, 7× cheaper per probe;
+  "matrix" probes each matrix on its own and gives the per-matrix breakdown.
 * Layer score ("score"): the mean over the layer's 7 matrices of the per-matrix mean value
   (equal weight per matrix, since sampling is stratified), se by propagation. Everything else
   (per-matrix means, ΔNLL versions, first-order magnitudes, weight-count-weighted totals,
@@ -51,6 +54,11 @@ from qpsa.scores.base import EvalTokens, LayerScores, LayerStates
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 UNITS = ("weight", "block", "byte")
 ESTIMATORS = ("exact", "probe")
+PROBE_SCOPES = ("layer", "matrix")
+# probes per layer (scope layer) or per matrix (scope matrix): both ~450 forward equivalents for
+# SmolLM2 at N = 100 (30 layers × 2 directions × K × ~0.5 equivalents per direction; docs/qpsa.md)
+DEFAULT_PROBES = {"layer": 16, "matrix": 2}
+LAYER = "layer"  # the unit key's matrix part for a layer-scope probe
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_PRECISION = {"exact": "float64", "probe": "float32"}
 DEFAULT_BATCH = 8  # no speed-up from larger batches on 2 CPU cores (GEMMs over 500 tokens already saturate them)
@@ -70,9 +78,10 @@ class QpsaSettings:
     max_tokens: int = 500
     unit: str = "weight"
     estimator: str = "exact"
-    probes: int = 4
+    probes: int | None = None  # None: DEFAULT_PROBES of the scope
     precision: str | None = None  # None: float64 for exact, float32 for probe
     batch_size: int = DEFAULT_BATCH
+    probe_scope: str = "layer"
 
     def __post_init__(self):
         def whole(name, v, low):
@@ -82,6 +91,10 @@ class QpsaSettings:
         whole("samples-per-matrix", self.samples_per_matrix, 1)
         whole("seed", self.seed, 0)
         whole("max-tokens", self.max_tokens, 2)
+        if self.probe_scope not in PROBE_SCOPES:
+            raise QpsaError(f"--probe-scope must be one of {', '.join(PROBE_SCOPES)} (got {self.probe_scope!r})")
+        if self.probes is None:
+            object.__setattr__(self, "probes", DEFAULT_PROBES[self.probe_scope])
         whole("probes", self.probes, 1)
         whole("batch-size", self.batch_size, 1)
         if self.unit not in UNITS:
@@ -109,7 +122,17 @@ class QpsaSettings:
              "batch_size": self.batch_size, "algorithm": ALGORITHM}
         if self.estimator == "probe":
             d["probes"] = self.probes
+            d["probe_scope"] = self.probe_scope
         return d
+
+    @property
+    def layer_probes(self) -> bool:
+        return self.estimator == "probe" and self.probe_scope == "layer"
+
+    @property
+    def units_of_layer(self) -> tuple[str, ...]:
+        """The checkpoint units of one layer: its matrices, or the whole layer for layer-scope probes."""
+        return (LAYER,) if self.layer_probes else MATRICES
 
 
 def parse_layers(spec: str | None, n_layer: int) -> list[int]:
@@ -248,43 +271,66 @@ def _draw_distinct(rng, n_total: int, n: int, ok: np.ndarray | None) -> tuple[li
     return chosen, redrawn
 
 
+class _Sampler:
+    """One matrix's units, drawn from its seeded sample stream, and their moves."""
+
+    def __init__(self, file, settings: QpsaSettings, layer: int, matrix: str):
+        self.t = t = _tensor_of(file, layer, matrix)
+        grid = t.grid()
+        self.bs = grid.block_size
+        self.rng = sample_rng(settings.seed, layer, matrix, "samples")
+        self.prng = sample_rng(settings.seed, layer, matrix, "probes")
+        self.n = settings.samples_per_matrix
+        self.unit = settings.unit
+        codes, step = grid.decode(t.blocks)
+        self.at_end = (codes <= grid.code_min) | (codes >= grid.code_max)  # (n_blocks, block_size)
+        if settings.unit == "weight":
+            self.n_units = codes.size
+            self.movable = ~self.at_end.reshape(-1) & np.isfinite(step.reshape(-1))
+        else:
+            self.n_units = codes.shape[0] if settings.unit == "block" else int(t.raw.nbytes)
+            self.movable = None
+
+    def draw(self) -> tuple[list[int], int]:
+        return _draw_distinct(self.rng, self.n_units, self.n, self.movable)
+
+    def block_moves(self, blocks: list[int], signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat indices and ±1 moves of every code of `blocks`; codes at an end stay in place (sign 0)."""
+        signs = signs * ~self.at_end[blocks]
+        return (np.asarray(blocks)[:, None] * self.bs + np.arange(self.bs)).reshape(-1), signs.reshape(-1)
+
+    def probe(self) -> tuple[list[int], int, int, Move | None, Move | None]:
+        """One probe: N fresh units with fresh random signs -> (units, redrawn, pinned, +s move, −s move);
+        the moves are None where no unit can move."""
+        index, redrawn = self.draw()
+        if not index:
+            return index, redrawn, 0, None, None
+        pinned = 0
+        if self.unit == "weight":
+            flat, sg = np.asarray(index, dtype=np.int64), self.prng.integers(0, 2, size=len(index)) * 2 - 1
+        else:
+            flat, sg = self.block_moves(index, self.prng.integers(0, 2, size=(len(index), self.bs)) * 2 - 1)
+            pinned = int(self.at_end[index].sum())
+        return index, redrawn, pinned, move_codes(self.t, flat, sg), move_codes(self.t, flat, -sg)
+
+
 def plan_matrix(file, settings: QpsaSettings, layer: int, matrix: str) -> MatrixPlan:
     """Draw the samples of one matrix (seeded by seed, layer, matrix) and build their perturbations.
 
     exact: N units, each moved alone (±1, or ± a random sign vector for blocks, or a byte ±1).
     probe: K probes, each with its own N units drawn afresh from the same stream (so probe 0's
     units are the exact estimator's N) and its own random signs, all N moved together."""
-    t = _tensor_of(file, layer, matrix)
-    grid = t.grid()
-    bs = grid.block_size
-    rng = sample_rng(settings.seed, layer, matrix, "samples")
-    n = settings.samples_per_matrix
-    codes, step = grid.decode(t.blocks)
-    at_end = (codes <= grid.code_min) | (codes >= grid.code_max)  # (n_blocks, block_size)
-    if settings.unit == "weight":
-        n_units = codes.size
-        movable = ~at_end.reshape(-1) & np.isfinite(step.reshape(-1))
-    else:
-        n_units = codes.shape[0] if settings.unit == "block" else int(t.raw.nbytes)
-        movable = None
-
-    def draw() -> tuple[list[int], int]:
-        return _draw_distinct(rng, n_units, n, movable)
-
-    def block_moves(blocks: list[int], signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat indices and ±1 moves of every code of `blocks`; codes at an end stay in place (sign 0)."""
-        signs = signs * ~at_end[blocks]
-        return (np.asarray(blocks)[:, None] * bs + np.arange(bs)).reshape(-1), signs.reshape(-1)
-
+    sm = _Sampler(file, settings, layer, matrix)
+    t = sm.t
     if settings.estimator == "exact":
-        index, n_redrawn = draw()
-        plan = MatrixPlan(layer, matrix, n_units, index, [], [], [], n_redrawn, 0, len(index))
+        index, n_redrawn = sm.draw()
+        plan = MatrixPlan(layer, matrix, sm.n_units, index, [], [], [], n_redrawn, 0, len(index))
         for u in index:
             if settings.unit == "weight":
                 plus, minus = move_codes(t, [u], [1]), move_codes(t, [u], [-1])
             elif settings.unit == "block":
-                flat, sg = block_moves([u], rng.integers(0, 2, size=(1, bs)) * 2 - 1)
-                plan.n_pinned += int(at_end[u].sum())
+                flat, sg = sm.block_moves([u], sm.rng.integers(0, 2, size=(1, sm.bs)) * 2 - 1)
+                plan.n_pinned += int(sm.at_end[u].sum())
                 plus, minus = move_codes(t, flat, sg), move_codes(t, flat, -sg)
             else:
                 plus, minus = move_byte(t, u, 1), move_byte(t, u, -1)
@@ -296,27 +342,52 @@ def plan_matrix(file, settings: QpsaSettings, layer: int, matrix: str) -> Matrix
         return plan
 
     # probe: every probe draws its own N units and signs, and moves them all together
-    prng = sample_rng(settings.seed, layer, matrix, "probes")
-    plan = MatrixPlan(layer, matrix, n_units, [], [], [], [], 0, 0, 0)
+    plan = MatrixPlan(layer, matrix, sm.n_units, [], [], [], [], 0, 0, 0)
     for k in range(settings.probes):
-        index, redrawn = draw()
+        index, redrawn, pinned, plus, minus = sm.probe()
         plan.index.append(index)
         plan.n_redrawn += redrawn
+        plan.n_pinned += pinned
         plan.n_sampled = len(index)
-        if not index:
+        if plus is None:
             continue
-        if settings.unit == "weight":
-            flat, sg = np.asarray(index, dtype=np.int64), prng.integers(0, 2, size=len(index)) * 2 - 1
-        else:
-            flat, sg = block_moves(index, prng.integers(0, 2, size=(len(index), bs)) * 2 - 1)
-            plan.n_pinned += int(at_end[index].sum())
-        plus, minus = move_codes(t, flat, sg), move_codes(t, flat, -sg)
         if plus.finite and minus.finite:
             plan.directions += [plus, minus]
             plan.kept.append(k)
         else:
             plan.skipped.append(k)
     return plan
+
+
+def plan_layer(file, settings: QpsaSettings, layer: int) -> MatrixPlan:
+    """Layer-scope probes: probe k moves, together, the k-th probe's N units of *every* matrix of the
+    layer (the same units and signs as `plan_matrix`'s probe k of each matrix), so one pair of
+    directions estimates the mean per-unit value over the layer's 7·N moved units.
+
+    The plan's `matrix` is LAYER, `n_units` the layer's total, `n_sampled` the units moved per
+    probe, `index` one {matrix: units} per probe, and each direction a list of (matrix, Move)."""
+    samplers = {m: _Sampler(file, settings, layer, m) for m in MATRICES}
+    plan = MatrixPlan(layer, LAYER, sum(sm.n_units for sm in samplers.values()), [], [], [], [], 0, 0, 0)
+    for k in range(settings.probes):
+        draws = {m: sm.probe() for m, sm in samplers.items()}
+        plan.index.append({m: d[0] for m, d in draws.items()})
+        plan.n_redrawn += sum(d[1] for d in draws.values())
+        plan.n_pinned += sum(d[2] for d in draws.values())
+        plan.n_sampled = sum(len(d[0]) for d in draws.values())
+        moved = {m: d for m, d in draws.items() if d[3] is not None}
+        if not moved:
+            continue
+        if all(d[3].finite and d[4].finite for d in moved.values()):
+            plan.directions += [[(m, d[3]) for m, d in moved.items()], [(m, d[4]) for m, d in moved.items()]]
+            plan.kept.append(k)
+        else:
+            plan.skipped.append(k)
+    return plan
+
+
+def plan_unit(file, settings: QpsaSettings, layer: int, unit: str) -> MatrixPlan:
+    """The plan of one checkpoint unit: a matrix, or LAYER for layer-scope probes."""
+    return plan_layer(file, settings, layer) if unit == LAYER else plan_matrix(file, settings, layer, unit)
 
 
 # ---- batched evaluation -----------------------------------------------------------------------
@@ -358,8 +429,9 @@ class Evaluator:
     def base_ppl(self) -> float:
         return math.exp(self.base_mean)
 
-    def dnll(self, layer: int, matrix: str | None, moves: list[Move | None]) -> np.ndarray:
-        """ΔNLL (mean over the scored tokens) of each perturbation; None is no perturbation."""
+    def dnll(self, layer: int, matrix: str | None, moves: list) -> np.ndarray:
+        """ΔNLL (mean over the scored tokens) of each perturbation of layer `layer`: a Move of
+        `matrix`, a list of (matrix, Move) moved together, or None (no perturbation)."""
         out = np.empty(len(moves))
         B = self.batch_size
         for start in range(0, len(moves), B):
@@ -367,28 +439,32 @@ class Evaluator:
             out[start : start + len(chunk)] = self._batch(layer, matrix, chunk)
         return out
 
-    def _batch(self, layer: int, matrix: str | None, moves: list[Move | None]) -> np.ndarray:
+    def _batch(self, layer: int, matrix: str | None, moves: list) -> np.ndarray:
         model, L = self.model, self.model.config.n_layer
-        fused, offset = model.fused_rows(layer, matrix) if matrix else (None, 0)
         dev = self.tokens.device
-        b_idx, rows, cols, deltas = [], [], [], []
+        parts: dict[str, tuple[list, list, list, list]] = {}  # fused weight -> batch, row, column, δ
         for b, mv in enumerate(moves):
-            if mv is None or len(mv.rows) == 0:
-                continue
-            b_idx.append(np.full(len(mv.rows), b))
-            rows.append(mv.rows + offset)
-            cols.append(mv.cols)
-            deltas.append(mv.delta)
-        if b_idx:
-            bi = torch.from_numpy(np.concatenate(b_idx)).to(dev)
-            ri = torch.from_numpy(np.concatenate(rows)).to(dev)
-            ci = torch.from_numpy(np.concatenate(cols)).to(dev)
-            dv = torch.from_numpy(np.concatenate(deltas)).to(device=dev, dtype=model.dtype)
+            for name, m in ([] if mv is None else [(matrix, mv)] if isinstance(mv, Move) else mv):
+                if len(m.rows) == 0:
+                    continue
+                fused, offset = model.fused_rows(layer, name)
+                b_idx, rows, cols, deltas = parts.setdefault(fused, ([], [], [], []))
+                b_idx.append(np.full(len(m.rows), b))
+                rows.append(m.rows + offset)
+                cols.append(m.cols)
+                deltas.append(m.delta)
+        if parts:
             t_idx = torch.arange(self.tokens.shape[1], device=dev)
+            changes = {
+                fused: (torch.from_numpy(np.concatenate(b)).to(dev), torch.from_numpy(np.concatenate(r)).to(dev),
+                        torch.from_numpy(np.concatenate(c)).to(dev),
+                        torch.from_numpy(np.concatenate(d)).to(device=dev, dtype=model.dtype))
+                for fused, (b, r, c, d) in parts.items()}
 
             def hook(i, name, x, y):
-                if i != layer or name != fused:
+                if i != layer or name not in changes:
                     return y
+                bi, ri, ci, dv = changes[name]
                 contrib = x[bi, :, ci] * dv[:, None]  # (E, T): δ·x[..., j] for each changed W[o, j]
                 return y.index_put_((bi[:, None], t_idx[None, :], ri[:, None]), contrib, accumulate=True)
 
@@ -467,7 +543,10 @@ def matrix_summary(raw: dict, base_ppl: float, estimator: str, floor: float | No
     return {"mean": mean, "se": se, "mean_nll": mean_nll, "se_nll": se_nll, "first_order": first_order,
             "first_order_rms": first_order_rms, "n_samples": len(fo), "n_skipped": len(raw["skipped"]),
             "n_redrawn": raw["n_redrawn"], "n_pinned": raw["n_pinned"], "n_units": raw["n_units"],
-            "total_nll": raw["n_units"] * mean_nll, "total_nll_se": None if se_nll is None else raw["n_units"] * se_nll,
+            # a layer-scope probe moves N units of each matrix, not units in proportion to the matrices'
+            # sizes, so it has no weight-count-weighted total
+            "total_nll": None if raw["matrix"] == LAYER else raw["n_units"] * mean_nll,
+            "total_nll_se": None if se_nll is None or raw["matrix"] == LAYER else raw["n_units"] * se_nll,
             "n_below_floor": n_below, "below_floor": n_below / len(fo) if n_below is not None and len(fo) else None}
 
 
@@ -478,6 +557,15 @@ def _propagate(ses: list[float | None], weights: list[float]) -> float | None:
 
 
 def layer_summary(per_matrix: dict[str, dict]) -> dict:
+    """The layer's score from its matrices' summaries, or from its one LAYER summary (layer-scope
+    probes: the mean per unit over the 7·N units moved together, which weights the matrices equally
+    when each gave N units; no weight-count-weighted total)."""
+    if LAYER in per_matrix:
+        m = per_matrix[LAYER]
+        return {"score": m["mean"], "se": m["se"], "score_nll": m["mean_nll"], "se_nll": m["se_nll"],
+                "total_nll": None, "total_nll_se": None, "total_ppl": None, "first_order": m["first_order"],
+                **{k: m[k] for k in ("n_samples", "n_skipped", "n_redrawn", "n_pinned", "n_below_floor",
+                                     "below_floor")}}
     ms = [per_matrix[m] for m in MATRICES]
     k = len(ms)
     score = sum(m["mean"] for m in ms) / k
@@ -511,7 +599,7 @@ def measure_floor(ev: Evaluator, file, settings: QpsaSettings) -> dict:
     """
     start = time.perf_counter()
     zero = ev.dnll(FLOOR_LAYER, None, [None] * min(ev.batch_size, 4))
-    plans = [plan_matrix(file, settings, FLOOR_LAYER, m) for m in MATRICES]
+    plans = [plan_unit(file, settings, FLOOR_LAYER, u) for u in settings.units_of_layer]
     take = FLOOR_SAMPLES_PER_MATRIX if settings.estimator == "exact" else 1
     raws = []
     for plan in plans:
@@ -568,8 +656,9 @@ def unit_key(layer: int, matrix: str) -> str:
 def score_unit_text(settings: QpsaSettings) -> str:
     what = {"weight": "weight's code moved ±1 step", "block": "block's codes moved ±1 with random signs",
             "byte": "raw byte moved ±1"}[settings.unit]
+    how = f"{settings.estimator} estimator" + (f", {settings.probe_scope}-scope probes" if settings.estimator == "probe" else "")
     return (f"Q-PSA: mean ½(ΔPPL(+)+ΔPPL(−)) per {what}, averaged over the layer's {len(MATRICES)} matrices "
-            f"({settings.estimator} estimator)")
+            f"({how})")
 
 
 @dataclass
@@ -629,12 +718,12 @@ def score_qpsa(
                 checkpoint.save()
         computed, resumed = [], []
         for i in layers:
-            for m in MATRICES:
+            for m in settings.units_of_layer:
                 key = unit_key(i, m)
                 if key in done:
                     resumed.append(key)
                     continue
-                raw = evaluate_plan(ev, plan_matrix(file, settings, i, m))
+                raw = evaluate_plan(ev, plan_unit(file, settings, i, m))
                 done[key] = raw
                 computed.append(key)
                 if checkpoint is not None:
@@ -648,11 +737,23 @@ def score_qpsa(
     run = scores.details["run"]
     run.update({"computed_units": computed, "resumed_units": resumed,
                 "computed_layers": sorted({int(k.split("/")[0]) for k in computed}),
-                "resumed_layers": [i for i in layers if all(unit_key(i, m) in resumed for m in MATRICES)],
+                "resumed_layers": [i for i in layers if all(unit_key(i, m) in resumed for m in settings.units_of_layer)],
                 "n_directions": ev.n_directions, "layer_passes": ev.n_layer_passes,
                 "threads": torch.get_num_threads(), "seconds": seconds})
     scores.seconds = seconds + seconds_before
     return QpsaRun(scores, base_mean, base_ppl, computed, resumed)
+
+
+_SCORE_TEXT = {
+    "matrix": "score = mean over the layer's 7 matrices of the per-matrix mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per "
+              "unit moved; uncertainty = its standard error (propagated). Details: per_matrix means (ΔPPL and ΔNLL), "
+              "first-order ½|ΔNLL(+)−ΔNLL(−)|, and total_nll = Σ n_units·mean ΔNLL (the predicted NLL change if every "
+              "unit of the layer moved one step with random signs, to second order).",
+    "layer": "score = mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per unit moved, from layer-scope probes that each move N "
+             "units of every one of the layer's 7 matrices together (so the matrices weigh equally); uncertainty = "
+             "the standard error over the probes. Details: the ΔNLL version and the first-order magnitude; no "
+             "per-matrix breakdown or total (use --probe-scope matrix).",
+}
 
 
 def build_scores(done: dict[str, dict], layers: list[int], n_layer: int, settings: QpsaSettings,
@@ -660,12 +761,14 @@ def build_scores(done: dict[str, dict], layers: list[int], n_layer: int, setting
     """LayerScores from the raw per-matrix results (the same numbers whether or not a run was resumed)."""
     fl = None if floor is None or floor["floor"] is None else floor["floor"]
     per_matrix, per_layer, samples = {}, {}, {}
+    units = settings.units_of_layer
     for i in layers:
-        pm = {m: matrix_summary(done[unit_key(i, m)], base_ppl, settings.estimator, fl) for m in MATRICES}
-        per_matrix[str(i)] = pm
+        pm = {m: matrix_summary(done[unit_key(i, m)], base_ppl, settings.estimator, fl) for m in units}
         per_layer[str(i)] = layer_summary(pm)
+        if not settings.layer_probes:
+            per_matrix[str(i)] = pm
         samples[str(i)] = {m: {k: v for k, v in done[unit_key(i, m)].items() if k not in ("seconds", "layer", "matrix")}
-                           for m in MATRICES}
+                           for m in units}
     scores: list[float | None] = [None] * n_layer
     unc: list[float | None] = [None] * n_layer
     for i in layers:
@@ -674,11 +777,7 @@ def build_scores(done: dict[str, dict], layers: list[int], n_layer: int, setting
         unc[i] = se if se is not None and math.isfinite(se) else None
     n_samples = sum(per_layer[str(i)]["n_samples"] for i in layers)
     details = {
-        "score": "score = mean over the layer's 7 matrices of the per-matrix mean Q-PSA value "
-                 "½(ΔPPL(+)+ΔPPL(−)) per unit moved; uncertainty = its standard error (propagated). "
-                 "Details: per_matrix means (ΔPPL and ΔNLL), first-order ½|ΔNLL(+)−ΔNLL(−)|, and total_nll = "
-                 "Σ n_units·mean ΔNLL (the predicted NLL change if every unit of the layer moved one step with "
-                 "random signs, to second order).",
+        "score": _SCORE_TEXT["layer" if settings.layer_probes else "matrix"],
         **settings.to_dict(), "probes": settings.probes if settings.estimator == "probe" else None,
         "matrices": list(MATRICES), "layers": list(layers),
         "base": {"ppl": base_ppl, "nll": base_nll},

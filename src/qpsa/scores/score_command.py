@@ -30,7 +30,10 @@ def score(
                                            "signs) or byte (raw byte ±1, the original study)")] = "weight",
     estimator: Annotated[str, typer.Option(help="exact (every sample evaluated) or probe (N samples moved together "
                                                 "with random signs, K probes)")] = "exact",
-    probes: Annotated[int, typer.Option(help="probes per matrix (K), --estimator probe")] = 4,
+    probes: Annotated[Optional[int], typer.Option(help="probes (K) per layer or per matrix (--probe-scope), --estimator "
+                                                       "probe (default: 16 per layer, 2 per matrix)")] = None,
+    probe_scope: Annotated[str, typer.Option("--probe-scope", help="layer (one probe moves N units of every matrix of "
+                                                                   "the layer) or matrix (per-matrix breakdown)")] = "layer",
     precision: Annotated[Optional[str], typer.Option(help="float32 or float64 (default: float64 for exact, "
                                                           "float32 for probe)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="perturbations evaluated per batch")] = 8,
@@ -46,7 +49,8 @@ def score(
     from qpsa.scores.qpsa import QpsaSettings
 
     settings = QpsaSettings(samples_per_matrix=samples_per_matrix, seed=seed, max_tokens=max_tokens, unit=unit,
-                            estimator=estimator, probes=probes, precision=precision, batch_size=batch_size)
+                            estimator=estimator, probes=probes, precision=precision, batch_size=batch_size,
+                            probe_scope=probe_scope)
     if text and dataset:
         raise QpsaError("give either --text or --dataset, not both")
     model_path = resolve_model(model)
@@ -88,7 +92,7 @@ def score(
 
     from qpsa.model.load import load_model
     from qpsa.scores.base import eval_tokens
-    from qpsa.scores.qpsa import MATRICES, score_qpsa
+    from qpsa.scores.qpsa import score_qpsa
     from qpsa.scores.results import ScoreRun
 
     start = time.perf_counter()
@@ -107,28 +111,30 @@ def score(
         _note(f"warning: the checkpoint was written with {ckpt.environment}, this run has {env}; float results "
               "of the remaining matrices may differ in the last bits from an uninterrupted run")
 
-    total = len(layer_list) * len(MATRICES)
-    todo = total - sum(1 for i in layer_list for m in MATRICES if f"{i}/{m}" in ckpt.units)
+    units = settings.units_of_layer
+    what = "layers" if settings.layer_probes else "matrices"
+    total = len(layer_list) * len(units)
+    todo = total - sum(1 for i in layer_list for m in units if f"{i}/{m}" in ckpt.units)
     if resume and ckpt.units:
-        finished = [i for i in layer_list if all(f"{i}/{m}" in ckpt.units for m in MATRICES)]
+        finished = [i for i in layer_list if all(f"{i}/{m}" in ckpt.units for m in units)]
         from qpsa.scores.checkpoint import _ranges
 
-        _note(f"resuming {ckpt_path}: {total - todo} of {total} matrices finished "
+        _note(f"resuming {ckpt_path}: {total - todo} of {total} {what} finished "
               f"(complete layers: {_ranges(finished) or 'none'}); computing {todo}")
     elif resume:
-        _note(f"no finished matrices in a checkpoint at {ckpt_path}; starting from the beginning")
+        _note(f"no finished {what} in a checkpoint at {ckpt_path}; starting from the beginning")
     if not as_json:
         _note(f"{loaded.config.arch} {loaded.path.name}  sha256 {loaded.file.sha256[:16]}…  "
               f"text {eval_text.name}  {tokens.n_scored} scored tokens  {settings.estimator} estimator, "
               f"unit {settings.unit}, {settings.resolved_precision}")
     from qpsa.report.progress import progress_bar
 
-    with progress_bar("Q-PSA (matrices)", todo, quiet=as_json) as advance:
+    with progress_bar(f"Q-PSA ({what})", todo, quiet=as_json) as advance:
         result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, progress=advance, log=_note)
     run_info = result.scores.details["run"]
     _note(f"layers computed: {_ranges_or_none(run_info['computed_layers'])}; "
           f"fully resumed from the checkpoint: {_ranges_or_none(run_info['resumed_layers'])} "
-          f"({len(run_info['resumed_units'])} matrices resumed, {len(run_info['computed_units'])} computed)")
+          f"({len(run_info['resumed_units'])} {what} resumed, {len(run_info['computed_units'])} computed)")
     score_settings = {**settings.to_dict(), "probes": settings.probes if settings.estimator == "probe" else None,
                       "layers": layer_list}
     score_run = ScoreRun(
