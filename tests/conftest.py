@@ -1,4 +1,5 @@
-"""Shared fixtures: the WikiText-2 test text beside the repository, and the bundled models."""
+"""Shared fixtures: a private q-psa cache per test, a prose file, one torch thread, the WikiText-2
+test text beside the repository, and the bundled models."""
 
 from __future__ import annotations
 
@@ -6,9 +7,36 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+from tiny import PROSE
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Tokenizer caches and downloads go to the test's own folder, never the user's."""
+    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def prose(tmp_path) -> str:
+    """Path of a UTF-8 file holding PROSE."""
+    path = tmp_path / "prose.txt"
+    path.write_text(PROSE, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models run fastest on one thread (a shared machine does not make each op wait for two);
+    subprocesses get one OpenMP thread too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

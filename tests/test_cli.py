@@ -12,29 +12,12 @@ import pytest
 
 from malformed import malformed_cases
 from qpsa.cli import main
-from tiny import write_tiny_gguf
-
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
-    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
-) * 30
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
+from tiny import PROSE, write_tiny_gguf
 
 
 @pytest.fixture
 def tiny(tmp_path):
     return str(write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", n_layer=2))
-
-
-@pytest.fixture
-def prose(tmp_path):
-    path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
-    return str(path)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

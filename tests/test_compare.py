@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from tiny import write_tiny_gguf
+from tiny import PROSE, write_tiny_gguf
 
 from qpsa.cli import main
 from qpsa.compare import (
@@ -37,18 +37,9 @@ from qpsa.generate import (
 )
 from qpsa.model.load import load_model
 
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
-    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
-) * 30
 CHATML = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
 # ctx 64, 4 windows: 4 × 31 = 124 scored tokens (llama.cpp prints its final statistics from 100)
 WINDOWS = ("--ctx", "64", "--chunks", "4")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
 
 
 def tiny(tmp_path, name="f32", qtype=Q.F32, **kw):
@@ -60,13 +51,6 @@ def tiny(tmp_path, name="f32", qtype=Q.F32, **kw):
 @pytest.fixture
 def pair(tmp_path):
     return tiny(tmp_path), tiny(tmp_path, "q4_0", Q.Q4_0)
-
-
-@pytest.fixture
-def prose(tmp_path):
-    path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
-    return str(path)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -13,17 +13,7 @@ from qpsa.eval.perplexity import make_windows
 from qpsa.model.load import load_model
 from qpsa.noise import (DEFAULT_PROMPTS, QWERTY_NEIGHBOURS, NoiseSettings, add_typos, embedding_noise,
                         typo_sensitivity)
-from tiny import write_tiny_gguf
-
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
-    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
-) * 30
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
+from tiny import PROSE, write_tiny_gguf
 
 
 @pytest.fixture
@@ -39,13 +29,6 @@ def loaded(tiny):
 @pytest.fixture
 def windows(loaded):
     return make_windows(loaded.tokenizer, PROSE, ctx=64, chunks=2)
-
-
-@pytest.fixture
-def prose(tmp_path):
-    path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
-    return str(path)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -21,11 +21,6 @@ PROSE = ("Layers that do nothing can be removed; layers that matter cannot. The 
          "and predicts each next token from the ones before it, 7 times over. ") * 40
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def setup(tmp_path):
     """A 5-layer tiny llama whose layer 2 is the identity, a text, and a rankings file for it."""

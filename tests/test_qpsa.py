@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
-from tiny import write_tiny_gguf
+from tiny import PROSE, write_tiny_gguf
 
 from qpsa.cli import main
 from qpsa.data.texts import EvalText
@@ -39,32 +39,7 @@ from qpsa.scores.qpsa import (
     score_qpsa,
 )
 
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
-    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
-) * 30
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses too
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a shared machine does not make each op wait for two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def prose(tmp_path):
-    path = tmp_path / "prose.txt"
-    path.write_text(PROSE, encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(path, settings: QpsaSettings):
@@ -271,7 +246,7 @@ def test_layer_probe_moves_every_matrix_of_the_layer_exactly(tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf", "qwen2", n_layer=2, qtype=Q.Q5_1, seed=5)
     settings = QpsaSettings(samples_per_matrix=3, max_tokens=24, precision="float64", estimator="probe", probes=3)
     assert settings.probe_scope == "layer" and settings.probes == 3
-    assert QpsaSettings(estimator="probe").probes == 16 and QpsaSettings(estimator="probe", probe_scope="matrix").probes == 2
+    assert QpsaSettings(estimator="probe").probes == 12 and QpsaSettings(estimator="probe", probe_scope="matrix").probes == 2
     loaded, tokens = _load(path, settings)
     plan = plan_layer(loaded.file, settings, 1)
     assert plan.n_sampled == 3 * len(MATRICES) and len(plan.directions) == 6

@@ -26,11 +26,6 @@ PROSE = ("Quantization moves every weight to the nearest point of a grid; some l
          "The model reads this text and predicts each next token from the ones before it, 9 times over. ") * 60
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def tiny(tmp_path):
     """A 3-layer llama in F32 with rows of 256 (so K-quants fit) and a separate output head, and a text."""

@@ -20,33 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from tiny import write_tiny_gguf
+from tiny import PROSE, write_tiny_gguf
 
 from qpsa.cli import main
 from qpsa.scores.checkpoint import Checkpoint
 from qpsa.scores.qpsa import MATRICES
 
-PROSE = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
-    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
-) * 30
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 N_LAYER = 6
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses too
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a shared machine does not make each op wait for two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

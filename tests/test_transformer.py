@@ -18,24 +18,12 @@ from qpsa.model.load import load_model
 from qpsa.model.transformer import Transformer
 from tiny import write_tiny_gguf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 T = 24  # tokens per sequence; gemma3's tiny sliding window is 8, so it matters
 ATOL = RTOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These matrices are tiny: on a busy machine, thread hand-offs cost ~30 ms per matmul.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tokens_for(vocab: int, seed: int = 0) -> torch.Tensor:

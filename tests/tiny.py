@@ -66,6 +66,13 @@ TINY_MERGES = [
 ]
 
 
+# English prose for tiny models' texts: enough tokens for a few windows of 64 with their byte-level vocabularies
+PROSE = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, and 42 apples fell. "
+    "Perplexity measures how surprised a model is by a text; lower means better predictions. "
+) * 30
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from bytes to printable characters (the byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

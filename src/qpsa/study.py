@@ -24,6 +24,7 @@ from qpsa.data.texts import EvalText
 from qpsa.model.load import LoadedModel
 from qpsa.pruning import EditReport, HeldOutEvaluator, loop_candidates, prune_candidates, repeating, without
 from qpsa.scores.base import LayerScores, ScoreSettings, eval_tokens
+from qpsa.scores.qpsa import DEFAULT_PROBES
 from qpsa.scores.results import ScoreRun, rank_agreement
 
 BASELINE_METHODS = ("layer_ablation", "weight_norm", "random", "block_influence", "angular_distance", "fisher")
@@ -33,7 +34,7 @@ BASELINE_METHODS = ("layer_ablation", "weight_norm", "random", "block_influence"
 class StudyPlan:
     max_tokens: int = 500  # the original study's evaluation length; the held-out span has as many
     samples_per_matrix: int = 100  # Q-PSA's N, as in the original study
-    probes: int = 12  # layer-scope probes per layer: 12 × 2 directions × 30 layers ≈ 360 forwards on SmolLM2
+    probes: int = DEFAULT_PROBES["layer"]  # layer-scope probes per layer, as `q-psa score --estimator probe`
     convergence_n: tuple[int, ...] = (25, 50)  # smaller N, each ranked against the main N …
     convergence_every: int = 3  # … on every third layer (0, 3, 6, …), to keep the study's cost down
     prune_k: tuple[int, ...] = (1, 2, 4, 8)

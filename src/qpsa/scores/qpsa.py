@@ -55,9 +55,9 @@ MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 UNITS = ("weight", "block", "byte")
 ESTIMATORS = ("exact", "probe")
 PROBE_SCOPES = ("layer", "matrix")
-# probes per layer (scope layer) or per matrix (scope matrix): both ~450 forward equivalents for
-# SmolLM2 at N = 100 (30 layers × 2 directions × K × ~0.5 equivalents per direction; docs/qpsa.md)
-DEFAULT_PROBES = {"layer": 16, "matrix": 2}
+# probes per layer (scope layer) or per matrix (scope matrix): ~410 and ~480 forward equivalents for
+# SmolLM2 at N = 100 (30 layers × 2 directions × K (×7 matrices) × ~0.57 equivalents per direction)
+DEFAULT_PROBES = {"layer": 12, "matrix": 2}
 LAYER = "layer"  # the unit key's matrix part for a layer-scope probe
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_PRECISION = {"exact": "float64", "probe": "float32"}

@@ -31,7 +31,7 @@ def score(
     estimator: Annotated[str, typer.Option(help="exact (every sample evaluated) or probe (N samples moved together "
                                                 "with random signs, K probes)")] = "exact",
     probes: Annotated[Optional[int], typer.Option(help="probes (K) per layer or per matrix (--probe-scope), --estimator "
-                                                       "probe (default: 16 per layer, 2 per matrix)")] = None,
+                                                       "probe (default: 12 per layer, 2 per matrix)")] = None,
     probe_scope: Annotated[str, typer.Option("--probe-scope", help="layer (one probe moves N units of every matrix of "
                                                                    "the layer) or matrix (per-matrix breakdown)")] = "layer",
     precision: Annotated[Optional[str], typer.Option(help="float32 or float64 (default: float64 for exact, "
