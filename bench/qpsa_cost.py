@@ -108,7 +108,8 @@ def probe_from_results(path: str, args, layers: list[int]) -> dict:
     for k, v in want.items():
         if d.get(k) != v:
             raise SystemExit(f"{path}: {k} is {d.get(k)!r}, this bench needs {v!r}")
-    return {i: {"raws": {m: d["samples"][str(i)][m] for m in args.settings.units_of_layer}, "seconds": math.nan}
+    return {i: {"raws": {m: {**d["samples"][str(i)][m], "matrix": m} for m in args.settings.units_of_layer},
+                "seconds": math.nan}
             for i in layers}
 
 
