@@ -11,28 +11,13 @@ import sys
 import pytest
 
 from malformed import malformed_cases
-from qpsa.cli import main
+from cli_run import run, assert_user_error
 from tiny import PROSE, write_tiny_gguf
 
 
 @pytest.fixture
 def tiny(tmp_path):
     return str(write_tiny_gguf(tmp_path / "tiny-llama.gguf", "llama", n_layer=2))
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err  # one line, no traceback
-    assert lines[0].startswith("q-psa: error: "), err
-    for needle in needles:
-        assert needle in lines[0], err
 
 
 def test_help_is_instant_and_lists_commands(capsys):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from cli_run import run, assert_user_error
 from tiny import PROSE, write_tiny_gguf
 
-from qpsa.cli import main
 from qpsa.compare import (
     CLIP_NATS,
     BaseLogProbsFile,
@@ -51,21 +51,6 @@ def tiny(tmp_path, name="f32", qtype=Q.F32, **kw):
 @pytest.fixture
 def pair(tmp_path):
     return tiny(tmp_path), tiny(tmp_path, "q4_0", Q.Q4_0)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("q-psa: error: "), err
-    for needle in needles:
-        assert needle in lines[0], err
 
 
 def run_json(capsys, *args) -> dict:

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from qpsa.cli import main
 from qpsa.eval.perplexity import make_windows
 from qpsa.model.load import load_model
 from qpsa.noise import (DEFAULT_PROMPTS, QWERTY_NEIGHBOURS, NoiseSettings, add_typos, embedding_noise,
                         typo_sensitivity)
+from cli_run import run
 from tiny import PROSE, write_tiny_gguf
 
 
@@ -29,12 +29,6 @@ def loaded(tiny):
 @pytest.fixture
 def windows(loaded):
     return make_windows(loaded.tokenizer, PROSE, ctx=64, chunks=2)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- embedding noise ----------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from qpsa.cli import main
 from qpsa.model.load import load_model
 from qpsa.pruning import loop_candidates, parse_layer_list, prune_candidates, repeating, without
 from qpsa.scores.base import LayerScores, eval_tokens
 from qpsa.scores.results import ScoreRun
 from qpsa.data.texts import text_from_file
 from qpsa.errors import QpsaError
+from cli_run import run as cli
 from tiny import write_tiny_gguf
 
 PROSE = ("Layers that do nothing can be removed; layers that matter cannot. The model reads this text "
@@ -39,12 +39,6 @@ def setup(tmp_path):
     rankings = tmp_path / "rankings.json"
     run.save(rankings)
     return {"model": str(model), "text": str(text), "rankings": str(rankings), "loaded": loaded, "tmp": tmp_path}
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_candidates_follow_ranking_with_documented_ties():

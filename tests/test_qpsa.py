@@ -16,9 +16,9 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
+from cli_run import run as _run
 from tiny import PROSE, write_tiny_gguf
 
-from qpsa.cli import main
 from qpsa.data.texts import EvalText
 from qpsa.errors import QpsaError
 from qpsa.gguf.dequant import dequantize
@@ -329,12 +329,6 @@ def test_same_seed_same_numbers_and_layer_subsets_agree(tmp_path):
 
 
 # ---- the command -------------------------------------------------------------------------------
-
-
-def _run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_score_command_json_table_and_files(tmp_path, prose, capsys):

@@ -13,13 +13,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from qpsa.cli import main
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import make_windows
 from qpsa.gguf.read import open_gguf
 from qpsa.model.load import load_model
 from qpsa.quant_sensitivity import Option, Reference, choose_mixture, group_variant, quant_groups
 from qpsa.requantize import choose_types, parse_tensor_type, requantize_model, write_requantized
+from cli_run import run as cli
 from tiny import write_tiny_gguf
 
 PROSE = ("Quantization moves every weight to the nearest point of a grid; some layers mind more than others. "
@@ -34,12 +34,6 @@ def tiny(tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text(PROSE)
     return path, text
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_types_follow_llama_quantize(tmp_path):

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 from tiny import PROSE, write_tiny_gguf
 
