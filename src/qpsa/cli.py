@@ -121,9 +121,9 @@ def ppl(
     windows = make_windows(loaded.tokenizer, eval_text.text, ctx, chunks, max_tokens, loaded.config.context_length)
     console = _console()
     if not as_json:
-        console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}  sha256 {loaded.file.sha256[:16]}…  "
-                      f"(loaded in {loaded.load_seconds:.1f} s)")
-        console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  {windows.description}")
+        from qpsa.report.tables import run_header
+
+        run_header(console, loaded, eval_text, windows.description, layers=False)
     from qpsa.report.progress import progress_bar
 
     with progress_bar("perplexity", windows.tokens.shape[0], quiet=as_json) as advance:

@@ -44,6 +44,7 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import Windows
+from qpsa.fsutil import user_file
 from qpsa.model.transformer import Transformer
 
 CLIP_NATS = 16.0  # llama.cpp stores log-probs down to 16 nats below the top, and sums KLD over log p > −16
@@ -327,16 +328,10 @@ class BaseLogProbsFile:
     @staticmethod
     def open(path) -> BaseLogProbsFile:
         path = Path(path)
-        try:
+        with user_file(path, "base file"):
             size = path.stat().st_size
             with path.open("rb") as f:
                 head = f.read(_HEAD.size)
-        except FileNotFoundError:
-            raise QpsaError(f"{path}: no such base file") from None
-        except IsADirectoryError:
-            raise QpsaError(f"{path}: is a directory, not a base file") from None
-        except OSError as e:
-            raise QpsaError(f"{path}: cannot read: {e.strerror}") from None
         if len(head) < _HEAD.size or head[:8] != MAGIC:
             raise QpsaError(f"{path}: not a base log-probs file (it does not start with {MAGIC.decode()!r})")
         _, ctx, n_vocab, n_chunk = _HEAD.unpack(head)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -35,16 +37,24 @@ def cache_root() -> Path:
     return root
 
 
-def read_bytes(path: str | os.PathLike, what: str) -> bytes:
-    """A file's bytes; a missing, directory or unreadable path is one QpsaError line naming `what` it should be."""
+@contextmanager
+def user_file(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a missing, directory or unreadable `path` met inside the block into one QpsaError line
+    naming `what` the file should be."""
     from qpsa.errors import QpsaError
 
-    path = Path(path)
     try:
-        return path.read_bytes()
+        yield
     except FileNotFoundError:
         raise QpsaError(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise QpsaError(f"{path}: is a directory, not a {what}") from None
     except OSError as e:
         raise QpsaError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """A file's bytes; a missing, directory or unreadable path is one QpsaError line naming `what` it should be."""
+    path = Path(path)
+    with user_file(path, what):
+        return path.read_bytes()

@@ -64,11 +64,10 @@ def noise(
     if not as_json:
         from rich.console import Console
 
+        from qpsa.report.tables import run_header
+
         console = Console()
-        console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}  {loaded.config.n_layer} layers  "
-                      f"sha256 {loaded.file.sha256[:16]}…  (loaded in {loaded.load_seconds:.1f} s)")
-        console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  "
-                      f"{len(prompt_list)} prompts ({prompts or 'built-in'})")
+        run_header(console, loaded, eval_text, f"{len(prompt_list)} prompts ({prompts or 'built-in'})")
     with progress_bar("noise", settings.passes(windows.tokens.shape[0], len(prompt_list)), quiet=as_json) as advance:
         report = run_noise(loaded, eval_text, prompt_list, settings, prompts_source=prompts or "built-in",
                            progress=advance, windows=windows)

@@ -124,18 +124,14 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, bar=None, lo
     prune = EditReport("prune", evaluator.base_ppl, held_out.describe(), settings=dict(settings, ks=list(plan.prune_k)))
     loop = EditReport("loop", evaluator.base_ppl, held_out.describe(), settings=dict(settings, ks=list(plan.loop_k), repeat=1))
     methods = list(run.methods)
-    with open_bar("prune", len(methods) * len(plan.prune_k)) as advance:
-        for m in methods:
-            for k in plan.prune_k:
-                chosen = prune_candidates(run.methods[m], k, n_layer)
-                prune.edits.append(evaluator.edit(m, k, chosen, without(n_layer, chosen)))
-                advance(f"{m} K={k}")
-    with open_bar("loop", len(methods) * len(plan.loop_k)) as advance:
-        for m in methods:
-            for k in plan.loop_k:
-                chosen = loop_candidates(run.methods[m], k, n_layer)
-                loop.edits.append(evaluator.edit(m, k, chosen, repeating(n_layer, chosen)))
-                advance(f"{m} K={k}")
+    for report, ks, candidates, layer_order in ((prune, plan.prune_k, prune_candidates, without),
+                                                (loop, plan.loop_k, loop_candidates, repeating)):
+        with open_bar(report.kind, len(methods) * len(ks)) as advance:
+            for m in methods:
+                for k in ks:
+                    chosen = candidates(run.methods[m], k, n_layer)
+                    report.edits.append(evaluator.edit(m, k, chosen, layer_order(n_layer, chosen)))
+                    advance(f"{m} K={k}")
 
     prune.seconds = sum(e.seconds for e in prune.edits)
     loop.seconds = sum(e.seconds for e in loop.edits)

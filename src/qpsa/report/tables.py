@@ -16,6 +16,15 @@ def _bytes(n: int) -> str:
         n /= 1024
 
 
+def run_header(console: Console, loaded, eval_text, detail: str, layers: bool = True) -> None:
+    """The two lines every evaluating command starts with: which model (file, sha256, load time) and
+    which text (name, sha256, `detail` on how it is used), so figures are never compared across them."""
+    n_layer = f"  {loaded.config.n_layer} layers" if layers else ""
+    console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}{n_layer}  sha256 {loaded.file.sha256[:16]}…  "
+                  f"(loaded in {loaded.load_seconds:.1f} s)")
+    console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  {detail}")
+
+
 def model_report(console: Console, r: ModelReport) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")

@@ -127,11 +127,10 @@ def baseline(
     if not as_json:
         from rich.console import Console
 
+        from qpsa.report.tables import run_header
+
         console = Console()
-        console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}  {loaded.config.n_layer} layers  "
-                      f"sha256 {loaded.file.sha256[:16]}…  (loaded in {loaded.load_seconds:.1f} s)")
-        console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  first {tokens.tokens.shape[1]} "
-                      f"tokens, {tokens.n_scored} scored")
+        run_header(console, loaded, eval_text, f"first {tokens.tokens.shape[1]} tokens, {tokens.n_scored} scored")
 
     def bar(label, total):
         return progress_bar(label, total, quiet=as_json)

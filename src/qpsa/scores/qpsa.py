@@ -238,6 +238,14 @@ class MatrixPlan:
     n_pinned: int = 0  # block unit: codes kept in place because they sat at an end of the grid
     n_sampled: int = 0  # units per sample set (N, or fewer where fewer can move); probe: moved together
 
+    def add(self, key: int, plus, minus, finite: bool) -> None:
+        """Keep sample or probe `key`'s two directions, or skip it where a perturbed weight is not finite."""
+        if finite:
+            self.directions += [plus, minus]
+            self.kept.append(key)
+        else:
+            self.skipped.append(key)
+
 
 def _tensor_of(file, layer: int, matrix: str):
     name = f"blk.{layer}.{matrix}.weight"
@@ -334,11 +342,7 @@ def plan_matrix(file, settings: QpsaSettings, layer: int, matrix: str) -> Matrix
                 plus, minus = move_codes(t, flat, sg), move_codes(t, flat, -sg)
             else:
                 plus, minus = move_byte(t, u, 1), move_byte(t, u, -1)
-            if plus.finite and minus.finite:
-                plan.directions += [plus, minus]
-                plan.kept.append(u)
-            else:
-                plan.skipped.append(u)
+            plan.add(u, plus, minus, plus.finite and minus.finite)
         return plan
 
     # probe: every probe draws its own N units and signs, and moves them all together
@@ -349,13 +353,8 @@ def plan_matrix(file, settings: QpsaSettings, layer: int, matrix: str) -> Matrix
         plan.n_redrawn += redrawn
         plan.n_pinned += pinned
         plan.n_sampled = len(index)
-        if plus is None:
-            continue
-        if plus.finite and minus.finite:
-            plan.directions += [plus, minus]
-            plan.kept.append(k)
-        else:
-            plan.skipped.append(k)
+        if plus is not None:
+            plan.add(k, plus, minus, plus.finite and minus.finite)
     return plan
 
 
@@ -375,13 +374,9 @@ def plan_layer(file, settings: QpsaSettings, layer: int) -> MatrixPlan:
         plan.n_pinned += sum(d[2] for d in draws.values())
         plan.n_sampled = sum(len(d[0]) for d in draws.values())
         moved = {m: d for m, d in draws.items() if d[3] is not None}
-        if not moved:
-            continue
-        if all(d[3].finite and d[4].finite for d in moved.values()):
-            plan.directions += [[(m, d[3]) for m, d in moved.items()], [(m, d[4]) for m, d in moved.items()]]
-            plan.kept.append(k)
-        else:
-            plan.skipped.append(k)
+        if moved:
+            plan.add(k, [(m, d[3]) for m, d in moved.items()], [(m, d[4]) for m, d in moved.items()],
+                     all(d[3].finite and d[4].finite for d in moved.values()))
     return plan
 
 
