@@ -9,13 +9,16 @@ from the file and filled with `load_gguf_checkpoint`, which is what `from_pretra
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from qpsa.errors import QpsaError
 from qpsa.model.load import load_model
-from qpsa.model.transformer import Transformer
+from qpsa.model import transformer
+from qpsa.model.transformer import Transformer, causal_attention, token_nll_
 from tiny import write_tiny_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,8 +90,11 @@ CASES = [
 @pytest.mark.parametrize(
     "arch, qtype, tied", CASES, ids=[f"{a}-{q.name}{'' if t else '-untied'}" for a, q, t in CASES]
 )
-def test_logits_match_transformers(tmp_path, arch, qtype, tied):
-    # gemma3 with 6 layers: layers 0-4 sliding-window (local rope base), layer 5 global
+def test_logits_match_transformers(tmp_path, arch, qtype, tied, monkeypatch):
+    """Both forward paths: the autograd one (as here, grad enabled) and the inference one
+    (blocked attention and in-place elementwise work), with blocks of 7 queries so a sequence
+    spans several blocks and a ragged last one.
+    gemma3 with 6 layers: layers 0-4 sliding-window (local rope base), layer 5 global."""
     n_layer = 6 if arch == "gemma3" else 2
     path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=qtype, tied=tied, n_layer=n_layer, seed=1)
     loaded = load_model(str(path))
@@ -100,7 +106,11 @@ def test_logits_match_transformers(tmp_path, arch, qtype, tied):
     logits = loaded.model(tokens)
     assert logits.shape == (2, T, loaded.config.vocab_size) and logits.dtype == torch.float32
     assert logits.std() > 0.5  # not a degenerate model
-    torch.testing.assert_close(logits, hf_logits(hf_model(path), tokens), atol=ATOL, rtol=RTOL)
+    reference = hf_logits(hf_model(path), tokens)
+    torch.testing.assert_close(logits, reference, atol=ATOL, rtol=RTOL)
+    monkeypatch.setattr(transformer, "ATTENTION_BLOCK", 7)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(tokens), reference, atol=ATOL, rtol=RTOL)
 
 
 def test_sliding_window_matters(tmp_path):
@@ -256,9 +266,9 @@ def test_unsupported_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_perplexity_does_not_depend_on_the_window_batch(tmp_path, arch, monkeypatch):
-    """Windows batched through the layers, and several windows' logits in one head buffer, give the
-    same token NLLs as one window at a time and as torch.logsumexp − target logit."""
+def test_perplexity_does_not_depend_on_the_window_batch(tmp_path, arch):
+    """Windows batched through the layers give the same token NLLs as one window at a time, and
+    as torch.logsumexp − target logit over the full logits."""
     import qpsa.eval.perplexity as P
 
     path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=Q.Q8_0, n_layer=2, seed=3)
@@ -271,9 +281,60 @@ def test_perplexity_does_not_depend_on_the_window_batch(tmp_path, arch, monkeypa
     expected = (torch.logsumexp(z, -1) - z.gather(-1, windows.tokens[:, 13:, None])[..., 0]).double()
     got = torch.stack(P.window_nlls(model, windows.tokens, 12))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # a head buffer of two windows' logits: groups of 2, 2 and 1 within a batch of 5
-    monkeypatch.setattr(P, "HEAD_BUFFER_BYTES", 2 * 11 * model.config.vocab_size * 4)
     for batch in (2, 4, 5):
         r = P.perplexity(model, windows, batch_size=batch)
         assert r.ppl == pytest.approx(one.ppl, rel=1e-6)
         assert [w["window"] for w in r.running] == [1, 2, 3, 4, 5]
+
+
+# -- the inference path's kernels ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "B, T, H, K, D", [(2, 70, 9, 3, 16), (1, 33, 4, 1, 32), (3, 40, 4, 4, 8), (1, 1, 2, 1, 4), (2, 64, 6, 2, 8)]
+)
+def test_causal_attention_matches_sdpa(B, T, H, K, D):
+    """Blocks of 32 queries (ragged last block, a single block, one token), G = 1, 3 and 4
+    query heads per key/value head, inputs with the strides the layer hands over."""
+    gen = torch.Generator().manual_seed(T)
+    qkv = torch.randn(B, T, (H + 2 * K) * D, generator=gen)
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in qkv.split([H * D, K * D, K * D], dim=-1))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=0.3, enable_gqa=True
+    ).transpose(1, 2).reshape(B, T, H * D)
+    with torch.inference_mode():
+        got = causal_attention(q, k, v, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_head_nll_matches_logsumexp_over_the_full_logits(tmp_path, monkeypatch, chunk, softcap):
+    """Vocabulary chunks that do not divide the vocabulary, one chunk for all of it, Gemma 2's
+    logit soft-capping, and logits spread far enough (h × 30) that exp underflows."""
+    model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", "llama"))).model
+    model.config = dataclasses.replace(model.config, final_logit_softcap=softcap)
+    monkeypatch.setattr(transformer, "HEAD_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 9, model.config.n_embd, generator=gen) * torch.tensor([1.0, 30.0])[:, None, None]
+    targets = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    z = model.logits(h).double()
+    expected = torch.logsumexp(z, -1) - z.gather(-1, targets[..., None])[..., 0]
+    with torch.inference_mode():
+        got = model.head_nll(h, targets)
+    assert got.shape == (2, 9) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(model.head_nll(h, targets), token_nll_(model.logits(h), targets))  # autograd path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_inference_path_leaves_its_input_alone(tmp_path, arch):
+    """The in-place work writes only into the layer's own buffers: the hidden state handed in
+    (here an expanded view, as Q-PSA's evaluator passes) is unchanged."""
+    model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", arch, n_layer=1))).model
+    h = torch.randn(1, T, model.config.n_embd).expand(3, -1, -1)
+    before = h.clone()
+    with torch.inference_mode():
+        out = model.block(0, h, torch.arange(T))
+    assert torch.equal(h, before)
+    torch.testing.assert_close(out, model.block(0, h, torch.arange(T)), atol=1e-5, rtol=1e-5)

@@ -34,10 +34,9 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.model.tokenizer import Tokenizer
-from qpsa.model.transformer import Transformer, token_nll_
+from qpsa.model.transformer import Transformer
 
 WINDOW_BATCH = 4  # windows per forward through the layers (see window_nlls)
-HEAD_BUFFER_BYTES = 600 * 2**20  # logits of at most this many bytes at once: 2 windows of Gemma 3's 262k vocabulary
 
 
 @dataclass
@@ -89,38 +88,18 @@ def make_windows(
 def window_nlls(model: Transformer, windows: torch.Tensor, score_from: int) -> list[torch.Tensor]:
     """NLL (float64) of each scored token of each window (B, T): logits at score_from … T−2.
 
-    The layers run on the B windows as one batch, and the output head on as many windows' scored
-    halves at once as fit in HEAD_BUFFER_BYTES of logits (one reused buffer): on 2 CPU cores a
-    head matmul over 510 rows runs ~15% faster than over 255, and the layers' matmuls gain a
-    few percent from the batch."""
-    B, T = windows.shape
-    S = T - 1 - score_from
-    per_window = S * model.config.vocab_size * model.dtype.itemsize
-    group = max(1, min(B, HEAD_BUFFER_BYTES // per_window))
+    The layers run on the B windows as one batch (the matmuls gain a few percent from the taller
+    batch), and the output head on all their scored halves at once through
+    `Transformer.head_nll`, which never holds more than a cache-sized slice of the logits."""
     with torch.inference_mode():
-        positions = torch.arange(T)
+        positions = torch.arange(windows.shape[1])
         h = model.run_layers(model.embed(windows), range(model.config.n_layer), positions)  # (B, T, C)
-        out = []
-        for first in range(0, B, group):
-            rows = h[first : first + group, score_from:-1]  # (g, S, C)
-            logits = model.logits(rows, out=_head_buffer(model, rows.shape[0], S))  # (g, S, V)
-            out.extend(token_nll_(logits, windows[first : first + group, score_from + 1 :]).double().unbind(0))
-        return out
+        return list(model.head_nll(h[:, score_from:-1], windows[:, score_from + 1 :]).double().unbind(0))
 
 
 def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:
     """NLL (float64) of each scored token of one window (T,)."""
     return window_nlls(model, window[None], score_from)[0]
-
-
-def _head_buffer(model: Transformer, g: int, n: int) -> torch.Tensor:
-    """One logits buffer (g, n, V) per model and shape, reused across windows."""
-    key = (g, n, model.config.vocab_size, model.dtype)
-    cache = model.__dict__.setdefault("_head_buffers", {})
-    if key not in cache:
-        cache.clear()
-        cache[key] = torch.empty(g, n, model.config.vocab_size, dtype=model.dtype)
-    return cache[key]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile, open_gguf
 from qpsa.gguf.validate import check_tensor_values
 from qpsa.model.config import ModelConfig, config_from_metadata
+from qpsa.model.memory import keep_freed_memory
 from qpsa.model.tokenizer import Tokenizer, load_tokenizer
 from qpsa.model.transformer import Transformer
 
@@ -45,8 +46,10 @@ def load_model(
 ) -> LoadedModel:
     """Validate, read and dequantize a model. `check_tensors` scans float tensors and every
     quantized block's scales for NaN/Inf first (a fraction of a second on the bundled models), so
-    a damaged file is named, with the tensor and block, before any long computation."""
+    a damaged file is named, with the tensor and block, before any long computation.
+    Loading also sets the allocator to reuse freed activation memory (see `memory.py`)."""
     start = time.perf_counter()
+    keep_freed_memory()
     gguf_file = open_gguf(resolve_model(name_or_path))
     if check_tensors:
         check_tensor_values(gguf_file.path, gguf_file.layout)
