@@ -14,12 +14,12 @@ import dataclasses
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from tiny import write_tiny_gguf
 
 from qpsa.errors import QpsaError
-from qpsa.model.load import load_model
 from qpsa.model import transformer
+from qpsa.model.load import load_model
 from qpsa.model.transformer import Transformer, causal_attention, token_nll_
-from tiny import write_tiny_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
