@@ -288,10 +288,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Query positions go ATTENTION_BLOCK at a time, each block against only the keys it can see
     (positions before its end), so about half of the full T×T scores are computed, as in a
     causal flash kernel. The G = H/K query heads that share a key/value head are stacked as the
-    rows of one matmul, which makes the two matmuls per block 32·G rows tall. On 2 CPU cores this
-    is 1.3× (SmolLM2, D = 64, G = 3) to 1.4× (Gemma 3, D = 256, G = 4) faster than torch's flash
-    kernel (`scaled_dot_product_attention`), whose 64-wide blocks run its matmuls at under half
-    the machine's float32 rate; see docs/benchmarks.md.
+    rows of one matmul, which makes the two matmuls per block 32·G rows tall. In a perplexity
+    window on 2 CPU cores this is 1.3× (SmolLM2, D = 64, G = 3) and 1.7× (Gemma 3, D = 256,
+    G = 4) as fast as torch's CPU flash kernel (`scaled_dot_product_attention`); see
+    docs/benchmarks.md.
     """
     B, T, H, D = q.shape
     K = k.shape[2]
