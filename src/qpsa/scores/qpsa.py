@@ -48,7 +48,6 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.dequant import dequantize
-from qpsa.model.transformer import token_nll_
 from qpsa.scores.base import EvalTokens, LayerScores, LayerStates
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -388,22 +387,13 @@ def plan_unit(file, settings: QpsaSettings, layer: int, unit: str) -> MatrixPlan
 # ---- batched evaluation -----------------------------------------------------------------------
 
 
-NLL_CHUNK = 128  # positions per output-head chunk: (128, V) logits stay in cache; measured fastest
-
-
-def chunked_nll(model, h: torch.Tensor, tokens: torch.Tensor, chunk: int = NLL_CHUNK) -> torch.Tensor:
-    """NLL (float64) of every scored token (T−1,) from one final hidden state h (1, T, C):
-    logsumexp(z) − z[target], with the logits z computed `chunk` positions at a time.
+def chunked_nll(model, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """NLL (float64) of every scored token (T−1,) from one final hidden state h (1, T, C), through
+    `Transformer.head_nll` (the output head a vocabulary chunk at a time, logsumexp − target logit).
 
     The base and every perturbed model go through this same function, so their difference carries no
     rounding from two different code paths."""
-    T = h.shape[1]
-    targets = tokens[0, 1:]
-    out = torch.empty(T - 1, dtype=torch.float64)
-    for s in range(0, T - 1, chunk):
-        e = min(s + chunk, T - 1)
-        out[s:e] = token_nll_(model.logits(h[:, s:e])[0], targets[s:e]).double()  # logits (c, V)
-    return out
+    return model.head_nll(h[:, :-1], tokens[:, 1:])[0].double()
 
 
 class Evaluator:
