@@ -156,8 +156,8 @@ class Transformer:
         262k vocabulary the full logits were 535 MB per two windows: writing them and reading them
         back three times for the logsumexp cost a third of the head's matmul time. A chunk's
         logsumexp is z_0 − log_softmax(z)_0, from torch's fused log_softmax kernel: half the time
-        of amax/subtract/exp/sum, and its exp stays fast where exp underflows (torch's plain
-        vectorized exp is 5–10× slower there). The subtraction loses at most |z_0 − lse|·2⁻²⁴
+        of amax/subtract/exp/sum, and 1.6× slower where exp underflows, where torch's plain
+        vectorized exp is 5–10× slower. The subtraction loses at most |z_0 − lse|·2⁻²⁴
         (~1e-5 nats for logits spread over ±80). z[target] is the dot product of the target's
         head row with the normed state. Under autograd this falls back to `logits` and `token_nll_`.
         """
