@@ -213,18 +213,24 @@ def test_all_zero_matrix_in_an_offset_grid_has_no_movable_weight(tmp_path):
     json.dumps(scores.to_dict(), allow_nan=False)  # strict JSON
 
 
+def _exact_against_probe(tmp_path, n_ff: int, max_tokens: int, n: int, probes: int):
+    """A tiny Q4_1 llama, an evaluator on it, and float64 settings for the exact estimator over
+    every movable weight and for `probes` probes of n weights each."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=2, n_embd=32, n_head=2, n_head_kv=1, n_ff=n_ff,
+                           qtype=Q.Q4_1, std=0.04)
+    everything = QpsaSettings(samples_per_matrix=10**6, max_tokens=max_tokens, precision="float64", batch_size=64)
+    probe = QpsaSettings(samples_per_matrix=n, max_tokens=max_tokens, precision="float64", batch_size=64,
+                         estimator="probe", probes=probes)
+    loaded, tokens = _load(path, everything)
+    return loaded, Evaluator(loaded.model, tokens.tokens, 64), everything, probe
+
+
 def test_probe_mean_approaches_the_exact_mean_over_the_whole_matrix(tmp_path):
     """The probe (K probes, each N fresh weights moved together with random signs, /N) is unbiased to
     second order for the mean per-weight value over the matrix's movable weights; here that mean is
     computed exactly, every movable weight on its own, and the probe mean must fall within a few of
     its standard errors (plus a margin for the fourth-order terms)."""
-    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=2, n_embd=32, n_head=2, n_head_kv=1, n_ff=64,
-                           qtype=Q.Q4_1, std=0.04)
-    everything = QpsaSettings(samples_per_matrix=10**6, max_tokens=32, precision="float64", batch_size=64)
-    probe = QpsaSettings(samples_per_matrix=16, max_tokens=32, precision="float64", batch_size=64,
-                         estimator="probe", probes=64)
-    loaded, tokens = _load(path, everything)
-    ev = Evaluator(loaded.model, tokens.tokens, 64)
+    loaded, ev, everything, probe = _exact_against_probe(tmp_path, n_ff=64, max_tokens=32, n=16, probes=64)
     for m in ("attn_v", "attn_output"):
         pe, pp = plan_matrix(loaded.file, everything, 1, m), plan_matrix(loaded.file, probe, 1, m)
         first = plan_matrix(loaded.file, QpsaSettings(samples_per_matrix=16, max_tokens=32), 1, m)
@@ -266,13 +272,7 @@ def test_layer_probe_moves_every_matrix_of_the_layer_exactly(tmp_path):
 def test_layer_probe_mean_approaches_the_layer_score(tmp_path):
     """Layer-scope probes estimate the equal-weight mean over the 7 matrices of their mean per-weight
     values; here those means are computed exactly (every movable weight on its own)."""
-    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", n_layer=2, n_embd=32, n_head=2, n_head_kv=1, n_ff=32,
-                           qtype=Q.Q4_1, std=0.04)
-    everything = QpsaSettings(samples_per_matrix=10**6, max_tokens=24, precision="float64", batch_size=64)
-    probe = QpsaSettings(samples_per_matrix=8, max_tokens=24, precision="float64", batch_size=64,
-                         estimator="probe", probes=96)
-    loaded, tokens = _load(path, everything)
-    ev = Evaluator(loaded.model, tokens.tokens, 64)
+    loaded, ev, everything, probe = _exact_against_probe(tmp_path, n_ff=32, max_tokens=24, n=8, probes=96)
     exact = [matrix_summary(evaluate_plan(ev, plan_matrix(loaded.file, everything, 1, m)), ev.base_ppl, "exact", None)
              for m in MATRICES]
     assert all(e["n_samples"] > 8 for e in exact)
