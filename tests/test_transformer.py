@@ -91,9 +91,9 @@ CASES = [
     "arch, qtype, tied", CASES, ids=[f"{a}-{q.name}{'' if t else '-untied'}" for a, q, t in CASES]
 )
 def test_logits_match_transformers(tmp_path, arch, qtype, tied, monkeypatch):
-    """Both forward paths: the autograd one (as here, grad enabled) and the inference one
-    (blocked attention and in-place elementwise work), with blocks of 7 queries so a sequence
-    spans several blocks and a ragged last one.
+    """Both forward paths: the autograd one (as here, grad enabled) and the inference one, with
+    the compiled kernels and without them (blocked torch attention with blocks of 7 queries, so a
+    sequence spans several blocks and a ragged last one, and in-place elementwise work).
     gemma3 with 6 layers: layers 0-4 sliding-window (local rope base), layer 5 global."""
     n_layer = 6 if arch == "gemma3" else 2
     path = write_tiny_gguf(tmp_path / "m.gguf", arch, qtype=qtype, tied=tied, n_layer=n_layer, seed=1)
@@ -110,6 +110,8 @@ def test_logits_match_transformers(tmp_path, arch, qtype, tied, monkeypatch):
     torch.testing.assert_close(logits, reference, atol=ATOL, rtol=RTOL)
     monkeypatch.setattr(transformer, "ATTENTION_BLOCK", 7)
     with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(tokens), reference, atol=ATOL, rtol=RTOL)  # compiled kernels
+        monkeypatch.setenv("QPSA_KERNEL", "0")  # torch's ops, as where no C compiler is
         torch.testing.assert_close(loaded.model(tokens), reference, atol=ATOL, rtol=RTOL)
 
 

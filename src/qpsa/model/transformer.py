@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qpsa.model.config import ModelConfig
+from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_rms_norm
 
 
 class Transformer:
@@ -80,8 +81,9 @@ class Transformer:
     def block(self, i: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One transformer layer: (B, T, C) -> (B, T, C). `h` is never modified.
 
-        Without autograd (`torch.no_grad`/`inference_mode`) the layer runs its fast path: blocked
-        attention (`causal_attention`), rope, SiLU/GELU, the gate×up product and the residual adds
+        Without autograd (`torch.no_grad`/`inference_mode`) the layer runs its fast path: the
+        compiled kernels of `qpsa.model.kernel` for attention, RMS norm and act(gate)·up (where they
+        cannot be built: blocked torch attention, `causal_attention`, and torch's ops), rope, SiLU/GELU, the gate×up product and the residual adds
         written in place into the layer's own fresh buffers. With autograd it runs the same
         arithmetic out of place through `scaled_dot_product_attention`; the two agree to float32
         rounding (tests/test_transformer.py)."""
@@ -103,9 +105,12 @@ class Transformer:
             qk = self._apply_rope(qkv[..., : (H + K) * D].view(B, T, H + K, D), cos, sin)
             q, k = qk.split([H, K], dim=2)  # (B, T, H, D), (B, T, K, D)
         window = cfg.sliding_window if local and T > cfg.sliding_window else None
-        if fast and window is None:
-            att = causal_attention(q, k, v, cfg.scale)  # (B, T, H·D)
-        else:
+        att = None
+        if fast:  # the compiled kernel where it builds, else blocked torch attention
+            att = kernel_attention(q, k, v, cfg.scale, window or 0)  # (B, T, H·D)
+            if att is None and window is None:
+                att = causal_attention(q, k, v, cfg.scale)
+        if att is None:
             mask = self._window_mask(positions) if window else None
             att = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
@@ -118,10 +123,13 @@ class Transformer:
         h = att.add_(h) if fast else h + att
 
         x = self._norm(h, w[p + "ffn_norm.weight"])
-        gate, up = self._linear(i, "ffn_gate_up", x).chunk(2, dim=-1)  # (B, T, F) views
+        gate_up = self._linear(i, "ffn_gate_up", x)  # (B, T, 2F)
+        gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) views
         if fast:  # in place: the down projection reads the gate half of the buffer
-            silu = cfg.activation == "silu"
-            act = (F.silu(gate, inplace=True) if silu else torch.ops.aten.gelu_(gate, approximate="tanh")).mul_(up)
+            act = kernel_act_mul_(gate_up, gelu=cfg.activation != "silu")
+            if act is None:
+                silu = cfg.activation == "silu"
+                act = (F.silu(gate, inplace=True) if silu else torch.ops.aten.gelu_(gate, approximate="tanh")).mul_(up)
         else:
             act = (F.silu(gate) if cfg.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
         out = self._linear(i, "ffn_down", act)  # (B, T, C)
@@ -219,7 +227,8 @@ class Transformer:
         return name, 0
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, weight.shape, weight, self.config.norm_eps)
+        out = kernel_rms_norm(x, weight, self.config.norm_eps)  # None under autograd, or without the kernel
+        return F.rms_norm(x, weight.shape, weight, self.config.norm_eps) if out is None else out
 
     def _rope(self, positions: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

@@ -1,0 +1,143 @@
+"""The compiled CPU kernels (kernels.c): built on first use, cached, called through ctypes.
+
+Three kernels for the inference path of `Transformer.block`, each in float32: causal
+(sliding-window) grouped-query attention, RMS norm, and SiLU/GELU(tanh) times up in place.
+`kernels()` returns the loaded library, or None where it cannot be had: no C compiler,
+a failed build, not x86-64/aarch64 Linux or macOS, or QPSA_KERNEL=0 in the environment. Callers
+then use the pure-torch path (`causal_attention`, `F.rms_norm`, `F.silu`…), which compute the same thing; each wrapper
+below returns None where its kernel cannot run, and the caller falls back. The build runs
+`$CC` (default `cc`) with -O3 -march=native -fopenmp, once per source, compiler and CPU; the
+library goes to <q-psa cache>/kernels/ under a name hashed from all three, written atomically.
+
+OpenMP: the library links libgomp by soname, and torch has already loaded its own libgomp.so.1,
+so the dynamic linker binds the kernel to that same runtime: one thread pool, torch's thread
+count (`torch.set_num_threads`) applies to both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qpsa.fsutil import cache_root
+
+SOURCE = Path(__file__).with_name("kernels.c")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in info.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(source + version.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
+    library = cache_root() / "kernels" / f"kernels-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
+    os.close(fd)
+    try:
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", partial]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The compiled library with its functions' signatures set, or None where it cannot be built or
+    loaded (see the module doc)."""
+    if os.environ.get("QPSA_KERNEL", "1") == "0" or platform.system() not in ("Linux", "Darwin"):
+        return None
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    try:
+        library = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"))))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    L, I, P, Fl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    library.causal_attention_f32.argtypes = [P, L, L, L, P, L, L, L, P, L, L, L, P, I, I, I, I, I, Fl, I, I]
+    library.causal_attention_f32.restype = I
+    library.rms_norm_f32.argtypes = [P, P, P, L, I, Fl]
+    library.rms_norm_f32.restype = None
+    library.act_mul_f32.argtypes = [P, L, L, I, I]
+    library.act_mul_f32.restype = None
+    return library
+
+
+def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, if it loaded and every tensor is float32 on the CPU, outside autograd."""
+    library = kernels()
+    if library is None or torch.is_grad_enabled():
+        return None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    return library
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0,
+                     block: int | None = None) -> torch.Tensor | None:
+    """Causal attention through the compiled kernel: q (B, T, H, D), k and v (B, T, KH, D) float32
+    CPU tensors with unit stride along D -> (B, T, H·D); position t sees keys j <= t (and
+    t − j < window if window > 0). None where the kernel is unavailable or the inputs don't fit it."""
+    library = _usable(q, k, v)
+    if library is None:
+        return None
+    B, T, H, D = q.shape
+    KH = k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if block is None:
+        block = max(1, 96 // (H // KH))  # ~96 query rows per work item
+    out = torch.empty(B, T, H * D, dtype=q.dtype)
+    args = []
+    for t in (q, k, v):
+        args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
+    status = library.causal_attention_f32(*args, out.data_ptr(), B, T, H, KH, D, scale, window, block)
+    if status != 0:
+        raise MemoryError("attention kernel: out of memory")
+    return out
+
+
+def kernel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMS norm over the last dimension of a contiguous x, times weight, into a new tensor; None
+    where the kernel cannot run."""
+    library = _usable(x, weight)
+    if library is None or not x.is_contiguous() or not weight.is_contiguous():
+        return None
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    library.rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def kernel_act_mul_(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor | None:
+    """For a contiguous gate_up (..., 2F), rows [gate | up]: gate ← act(gate)·up in place, act SiLU or
+    (gelu) GELU's tanh approximation; returns the gate half (..., F), or None where the kernel
+    cannot run (nothing written then)."""
+    library = _usable(gate_up)
+    if library is None or not gate_up.is_contiguous():
+        return None
+    n = gate_up.shape[-1] // 2
+    library.act_mul_f32(gate_up.data_ptr(), gate_up.numel() // (2 * n), 2 * n, n, int(gelu))
+    return gate_up[..., :n]
