@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qpsa.model import kernel
-from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_rms_norm, kernels
+from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm, kernels
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 
@@ -118,6 +118,20 @@ def test_act_mul_matches_float64(gelu, n):
     assert torch.equal(gate_up[..., n:], up_before)
 
 
+@pytest.mark.parametrize("chunk", [1024, 37, 5])
+def test_logsumexp_merge_matches_float64(chunk):
+    """A running logsumexp over vocabulary chunks (ragged last chunk, chunks narrower than a vector),
+    starting from -inf, on logits spread over ±80 nats (most exps underflow) and read through a
+    row stride wider than the chunk, as the head's buffer is."""
+    z = torch.randn(6, 300, generator=torch.Generator().manual_seed(chunk)) * 30
+    z[1] = 80.0 - torch.arange(300.0)  # one row with values everywhere from +80 to -219
+    lse = torch.full((6,), -math.inf)
+    with torch.inference_mode():
+        for start in range(0, 300, chunk):
+            assert kernel_logsumexp_merge_(z[:, start : start + chunk], lse)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.double(), dim=-1), atol=1e-5, rtol=1e-6)
+
+
 def test_every_kernel_declines_what_it_does_not_cover():
     x = torch.randn(2, 4, 8)
     w = torch.ones(8)
@@ -128,6 +142,7 @@ def test_every_kernel_declines_what_it_does_not_cover():
         assert kernel_rms_norm(x.transpose(0, 1), w, 1e-6) is None  # not contiguous
         assert kernel_act_mul_(x.transpose(0, 1), gelu=False) is None
         assert kernel_attention(q.double(), k.double(), v.double(), 1.0) is None
+        assert not kernel_logsumexp_merge_(x[0].t(), torch.zeros(8))  # not unit stride along the row
         assert kernel_attention(q, k, v, 1.0) is not None
 
 

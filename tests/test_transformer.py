@@ -309,11 +309,14 @@ def test_causal_attention_matches_sdpa(B, T, H, K, D):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["kernel", "torch"])
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_head_nll_matches_logsumexp_over_the_full_logits(tmp_path, monkeypatch, chunk, softcap):
+def test_head_nll_matches_logsumexp_over_the_full_logits(tmp_path, monkeypatch, chunk, softcap, kernel):
     """Vocabulary chunks that do not divide the vocabulary, one chunk for all of it, Gemma 2's
-    logit soft-capping, and logits spread far enough (h × 30) that exp underflows."""
+    logit soft-capping, and logits spread far enough (h × 30) that exp underflows; with the
+    compiled chunk logsumexp and with torch's."""
+    monkeypatch.setenv("QPSA_KERNEL", kernel)
     model = load_model(str(write_tiny_gguf(tmp_path / "m.gguf", "llama"))).model
     model.config = dataclasses.replace(model.config, final_logit_softcap=softcap)
     monkeypatch.setattr(transformer, "HEAD_CHUNK", chunk)

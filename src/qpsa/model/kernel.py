@@ -1,7 +1,8 @@
 """The compiled CPU kernels (kernels.c): built on first use, cached, called through ctypes.
 
-Three kernels for the inference path of `Transformer.block`, each in float32: causal
-(sliding-window) grouped-query attention, RMS norm, and SiLU/GELU(tanh) times up in place.
+Kernels for the inference path, each in float32: causal (sliding-window) grouped-query attention,
+RMS norm and SiLU/GELU(tanh) times up in place for `Transformer.block`, and the running
+logsumexp over vocabulary chunks for `Transformer.head_nll`.
 `kernels()` returns the loaded library, or None where it cannot be had: no C compiler,
 a failed build, not x86-64/aarch64 Linux or macOS, or QPSA_KERNEL=0 in the environment. Callers
 then use the pure-torch path (`causal_attention`, `F.rms_norm`, `F.silu`…), which compute the same thing; each wrapper
@@ -83,6 +84,8 @@ def _load() -> ctypes.CDLL | None:
     library.rms_norm_f32.restype = None
     library.act_mul_f32.argtypes = [P, L, L, I, I]
     library.act_mul_f32.restype = None
+    library.logsumexp_merge_f32.argtypes = [P, L, L, L, P]
+    library.logsumexp_merge_f32.restype = None
     return library
 
 
@@ -141,3 +144,13 @@ def kernel_act_mul_(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor | None:
     n = gate_up.shape[-1] // 2
     library.act_mul_f32(gate_up.data_ptr(), gate_up.numel() // (2 * n), 2 * n, n, int(gelu))
     return gate_up[..., :n]
+
+
+def kernel_logsumexp_merge_(z: torch.Tensor, lse: torch.Tensor) -> bool:
+    """lse (R,) ← log(exp(lse) + Σ_j exp(z[:, j])) in place, for z (R, n) with unit stride along n
+    and a contiguous lse; False where the kernel cannot run (nothing written then)."""
+    library = _usable(z, lse)
+    if library is None or z.dim() != 2 or z.stride(-1) != 1 or not lse.is_contiguous():
+        return False
+    library.logsumexp_merge_f32(z.data_ptr(), z.shape[0], z.shape[1], z.stride(0), lse.data_ptr())
+    return True

@@ -291,3 +291,28 @@ void act_mul_f32(float *x, long R, long stride, int n, int gelu) {
         }
     }
 }
+
+/* ---- the output head's logsumexp, chunk by chunk ------------------------------------------ */
+
+/* lse[r] <- log(exp(lse[r]) + sum_j exp(z[r][j])) for R rows of n floats (row stride ldz):
+ * one more vocabulary chunk merged into each row's running logsumexp (start from -inf). */
+void logsumexp_merge_f32(const float *z, long R, long n, long ldz, float *lse) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < R; r++) {
+        const float *row = z + r * ldz;
+        vf m = splat(lse[r]);
+        long j = 0;
+        for (; j + VL <= n; j += VL) {
+            vf x = load(row + j);
+            m = blend(x > m, x, m);
+        }
+        float mx = hmax(m);
+        for (; j < n; j++) mx = row[j] > mx ? row[j] : mx;
+        vf sum = splat(0.0f);
+        for (j = 0; j + VL <= n; j += VL) sum += exp_nonpositive(load(row + j) - mx);
+        float total = hsum(sum);
+        for (; j < n; j++) total += exp_nonpositive(splat(row[j] - mx))[0];
+        total += exp_nonpositive(splat(lse[r] - mx))[0];
+        lse[r] = mx + logf(total);
+    }
+}
