@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from qpsa.model import kernel
-from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm, kernels
+from qpsa.model.kernel import (
+    kernel_act_mul_,
+    kernel_attention,
+    kernel_logsumexp_merge_,
+    kernel_rms_norm,
+    kernels,
+)
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 
@@ -81,7 +87,7 @@ def test_attention_with_scores_spread_wide():
 
 
 def test_attention_reads_any_strides():
-    q, k, v = qkv_views(2, 45, 6, 3, 16)
+    _, k, v = qkv_views(2, 45, 6, 3, 16)
     q_strided = torch.randn(2, 6, 45, 16).transpose(1, 2)  # head-major storage
     with torch.inference_mode():
         got = kernel_attention(q_strided, k, v, 0.25)

@@ -45,7 +45,7 @@ def _cpu_id() -> str:
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
     key = hashlib.sha256(source + version.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
     library = cache_root() / "kernels" / f"kernels-{key}.so"
     if library.exists():
