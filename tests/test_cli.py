@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,22 @@ def test_ppl_json_follows_protocol(capsys, tiny, prose):
     assert math.isfinite(result["ppl"]) and result["ppl_se"] > 0
     assert len(result["running"]) == 3 and result["running"][-1]["ppl"] == pytest.approx(result["ppl"])
     assert result["text"]["name"] == "prose.txt" and len(result["text"]["sha256"]) == 64
+
+
+def test_ppl_names_its_engine_and_gives_the_same_ppl_without_the_kernels(capsys, tiny, prose, monkeypatch):
+    args = ("ppl", tiny, "--text", prose, "--ctx", 32, "--chunks", 3, "--json")
+    code, out, _ = run(capsys, *args)
+    compiled = json.loads(out)
+    assert code == 0 and compiled["engine"]["threads"] >= 1
+    if shutil.which(os.environ.get("CC", "cc")):
+        assert compiled["engine"]["cpu_kernels"] == "compiled"
+    monkeypatch.setenv("QPSA_KERNEL", "0")
+    code, out, _ = run(capsys, *args)
+    plain = json.loads(out)
+    assert code == 0 and plain["engine"]["cpu_kernels"] == "torch ops"
+    assert plain["ppl"] == pytest.approx(compiled["ppl"], rel=1e-5)
+    code, out, _ = run(capsys, *args[:-1])
+    assert "CPU kernels: torch ops" in " ".join(out.split())
 
 
 def test_ppl_max_tokens_scores_every_token(capsys, tiny, prose):

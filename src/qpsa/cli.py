@@ -113,6 +113,7 @@ def ppl(
     """Perplexity with llama.cpp's protocol: windows of --ctx tokens, BOS first, second half scored."""
     from qpsa.data.texts import resolve_text
     from qpsa.eval.perplexity import make_windows, perplexity
+    from qpsa.model.kernel import engine
     from qpsa.model.load import load_model
 
     _check_positive(ctx=ctx, chunks=chunks, max_tokens=max_tokens)
@@ -130,12 +131,12 @@ def ppl(
         result = perplexity(loaded.model, windows, progress=lambda done, total, p: advance(f"PPL {p:.4f}"))
     out = {"model": {"name": model, "path": str(loaded.path), "sha256": loaded.file.sha256,
                      "architecture": loaded.config.arch},
-           "text": eval_text.describe(), **result.to_dict()}
+           "text": eval_text.describe(), **result.to_dict(), "engine": engine()}
     if as_json:
         return _print_json(out)
     from qpsa.report.tables import perplexity_report
 
-    perplexity_report(console, result)
+    perplexity_report(console, result, out["engine"])
 
 
 @app.command()

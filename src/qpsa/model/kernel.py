@@ -89,6 +89,12 @@ def _load() -> ctypes.CDLL | None:
     return library
 
 
+def engine() -> dict:
+    """What computes on the CPU, for reports: torch's thread count and whether the compiled kernels
+    are in use ("compiled") or torch's ops stand in for them ("torch ops")."""
+    return {"threads": torch.get_num_threads(), "cpu_kernels": "compiled" if kernels() is not None else "torch ops"}
+
+
 def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The library, if it loaded and every tensor is float32 on the CPU, outside autograd."""
     library = kernels()

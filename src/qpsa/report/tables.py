@@ -59,7 +59,7 @@ def model_report(console: Console, r: ModelReport) -> None:
     console.print(layers)
 
 
-def perplexity_report(console: Console, r: PerplexityResult) -> None:
+def perplexity_report(console: Console, r: PerplexityResult, engine: dict | None = None) -> None:
     running = Table(title="Running perplexity (cumulative over windows so far)")
     running.add_column("window", justify="right")
     running.add_column("PPL", justify="right")
@@ -72,7 +72,8 @@ def perplexity_report(console: Console, r: PerplexityResult) -> None:
     console.print(f"[bold]PPL = {r.ppl:.4f} ± {r.ppl_se:.4f}[/]  (mean NLL {r.nll:.5f} ± {r.nll_se:.5f} nats "
                   f"over {r.n_scored:,} scored tokens; ± is one standard error)")
     console.print(f"{r.n_windows} windows of {r.ctx} tokens in {r.seconds:.1f} s: "
-                  f"{r.seconds_per_window:.3f} s per window, {r.tokens_per_second:.0f} tokens/s")
+                  f"{r.seconds_per_window:.3f} s per window, {r.tokens_per_second:.0f} tokens/s"
+                  + (f" ({engine['threads']} threads, CPU kernels: {engine['cpu_kernels']})" if engine else ""))
 
 
 def edit_report(console: Console, r) -> None:

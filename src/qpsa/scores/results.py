@@ -8,7 +8,7 @@ Schema (`"schema": "q-psa/scores/1"`):
       "model": {"name", "path", "sha256", "architecture", "n_layer"},
       "text": {"name", "source", "sha256", "chars", "span", "start_token", "n_tokens", "n_scored"},
       "settings": {...},                      # every option that changes the numbers, seed included
-      "versions": {"q-psa", "torch", "gguf", "numpy", "python"},
+      "versions": {"q-psa", "torch", "gguf", "numpy", "python", "threads", "cpu_kernels"},
       "base": {"ppl", "nll"},                 # the unmodified model on the same tokens
       "methods": {
         NAME: {"method", "scores": [L floats], "uncertainty": [L floats or null], "unit",
@@ -50,8 +50,10 @@ def versions() -> dict:
 
     from importlib.metadata import version
 
+    from qpsa.model.kernel import engine
+
     return {"q-psa": qpsa.__version__, "torch": torch.__version__, "gguf": version("gguf"),
-            "numpy": numpy.__version__, "python": platform.python_version()}
+            "numpy": numpy.__version__, "python": platform.python_version(), **engine()}
 
 
 @dataclass

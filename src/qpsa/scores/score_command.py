@@ -90,6 +90,7 @@ def score(
 
     import torch
 
+    from qpsa.model.kernel import engine
     from qpsa.model.load import load_model
     from qpsa.scores.base import eval_tokens
     from qpsa.scores.qpsa import score_qpsa
@@ -104,9 +105,8 @@ def score(
     if ckpt is not None:
         ckpt.check_matches(header)
     else:
-        ckpt = Checkpoint(ckpt_path, header, environment={"torch": torch.__version__,
-                                                          "threads": torch.get_num_threads()})
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        ckpt = Checkpoint(ckpt_path, header, environment={"torch": torch.__version__, **engine()})
+    env = {"torch": torch.__version__, **engine()}
     if ckpt.environment and ckpt.environment != env:
         _note(f"warning: the checkpoint was written with {ckpt.environment}, this run has {env}; float results "
               "of the remaining matrices may differ in the last bits from an uninterrupted run")
