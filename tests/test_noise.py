@@ -39,8 +39,11 @@ def test_vanishing_noise_changes_nothing(loaded, windows):
     s = r.sigmas[0]
     assert s.kl.mean < 1e-9 and s.kl.max < 1e-8
     assert s.flip_pct == 0.0 and s.flip_pct_se == 0.0
-    assert s.ppl_ratio == pytest.approx(1.0, abs=1e-6)
-    assert s.ppl == pytest.approx(r.clean_ppl, rel=1e-6)
+    # float32's floor: this model's logits (up to ~28) move by ~1e-5 under a 1e-7 input change, so
+    # the mean NLL over 2 × 62 tokens moves by ~1e-6 either way (measured: 1e-7 to 1.1e-6 with
+    # torch's ops or the compiled kernels, on AMD and Intel CPUs); σ = 1e-4 moves it by 4e-5.
+    assert s.ppl_ratio == pytest.approx(1.0, abs=5e-6)
+    assert s.ppl == pytest.approx(r.clean_ppl, rel=5e-6)
 
 
 def test_kl_and_flips_grow_with_sigma(loaded, windows):
