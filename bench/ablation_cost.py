@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from qpsa.data.texts import text_from_file
+    from qpsa.sources.texts import text_from_file
     from qpsa.model.load import load_model
     from qpsa.scores.base import ScoreSettings, eval_tokens, token_nll
     from qpsa.scores.baselines import (

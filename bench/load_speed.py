@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     args = parser.parse_args()
-    from qpsa.catalog import resolve_model
+    from qpsa.sources.catalog import resolve_model
 
     for name in args.models:
         path = resolve_model(name)

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
 
     from scipy.stats import spearmanr
 
-    from qpsa.data.texts import text_from_file
+    from qpsa.sources.texts import text_from_file
     from qpsa.model.load import load_model
     from qpsa.model.transformer import Transformer
     from qpsa.scores.base import eval_tokens

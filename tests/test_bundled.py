@@ -94,7 +94,7 @@ def test_pruned_gemma3_runs_in_llamacpp_with_the_same_perplexity(gemma3, wikitex
     8-bit activation quantization weighs more in a broken network; one or two unimportant layers
     removed stay within 0.2%."""
     from qpsa.gguf.write import write_layers
-    from qpsa.pruning import without
+    from qpsa.edits.pruning import without
     from qpsa.reference.llamacpp import LlamaCpp
 
     keep = without(gemma3.config.n_layer, [7, 16])

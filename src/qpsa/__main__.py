@@ -1,5 +1,5 @@
 import sys
 
-from qpsa.cli import main
+from qpsa.cli.app import main
 
 sys.exit(main())

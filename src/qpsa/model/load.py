@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qpsa.catalog import resolve_model
+from qpsa.sources.catalog import resolve_model
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile, open_gguf
 from qpsa.gguf.validate import check_tensor_values

@@ -1,4 +1,4 @@
-"""Console rendering of `q-psa noise` (qpsa.noise.NoiseReport). Computes nothing but formats:
+"""Console rendering of `q-psa noise` (qpsa.eval.noise.NoiseReport). Computes nothing but formats:
 each column gets one number format, and "value ± se" cells are padded so that the values and the
 "±" signs line up down the column."""
 
@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qpsa.noise import NoiseReport
+from qpsa.eval.noise import NoiseReport
 
 
 def _spec(values, digits: int = 3) -> str:

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qpsa.eval.perplexity import PerplexityResult
-from qpsa.inspect import ModelReport
+from qpsa.model.inspection import ModelReport
 
 
 def _bytes(n: int) -> str:

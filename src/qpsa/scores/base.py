@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from qpsa.data.texts import EvalText
+from qpsa.sources.texts import EvalText
 from qpsa.errors import QpsaError
 from qpsa.model.load import LoadedModel
 from qpsa.model.transformer import Transformer

@@ -1,0 +1,186 @@
+"""The `q-psa baseline` and `q-psa agreement` commands (registered in qpsa.cli.app).
+
+Thin: arguments are checked here (before any model is loaded), the work is
+`qpsa.scores.baselines.run_baselines`, the rendering `qpsa.report.scores_tables`. Heavy imports
+stay inside the functions so that `q-psa --help` stays instant.
+
+`--methods` takes names in any of three spellings, all equivalent:
+`--methods a b c`, `--methods a --methods b --methods c`, `--methods a,b,c`.
+Click cannot give an option a variable number of values: `qpsa.cli.main` rewrites `--methods a b`
+as `--methods a --methods b`, and without that rewrite the command still accepts extra positional
+arguments (`BASELINE_CONTEXT`) and reads them as further method names. Either way MODEL must come
+before `--methods a b c` (after it, it would be read as one more method name).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qpsa.errors import QpsaError
+
+# Kept here (not imported from qpsa.scores.baselines, which imports torch) so `--help` is instant;
+# a test checks it equals baselines.BASELINES.
+METHOD_NAMES = ("layer_ablation", "weight_norm", "random", "block_influence", "angular_distance", "fisher")
+
+# context_settings for app.command(): lets `--methods a b c` leave b and c as extra arguments
+BASELINE_CONTEXT = {"allow_extra_args": True}
+
+ModelArg = Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+
+
+def split_methods(methods: list[str] | None, extra: list[str]) -> list[str]:
+    """Method names from the --methods values and any extra arguments (all methods if none given).
+
+    Names may be comma- or space-separated. `qpsa.cli.main` already rewrites `--methods a b` as
+    `--methods a --methods b`; extra arguments are the names after `--methods a` when the command
+    is invoked without that rewrite."""
+    if extra and not methods:
+        raise QpsaError(f"unexpected extra argument{'s' if len(extra) > 1 else ''}: {' '.join(extra)}")
+    if not methods:
+        return list(METHOD_NAMES)
+    names = []
+    for value in [*methods, *extra]:
+        names += [x for x in value.replace(",", " ").split() if x]
+    for name in names:
+        if name not in METHOD_NAMES:
+            raise QpsaError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+    if not names:
+        raise QpsaError(f"--methods is empty; known: {', '.join(METHOD_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def out_path(out: str | None, model: str, model_path: Path) -> Path:
+    """Where the results go; QpsaError for a folder, the model file itself, a .csv name, or a
+    missing parent folder (all checked before any work)."""
+    from qpsa.sources.catalog import BUNDLED
+
+    if out is None:
+        stem = model if model in BUNDLED else Path(model).stem
+        path = Path(f"baseline-{stem}.json")
+    else:
+        path = Path(out).expanduser()
+    if path.is_dir():
+        raise QpsaError(f"--out {path}: is a directory; give a file name such as {path / 'baseline.json'}")
+    if path.suffix.lower() == ".csv":
+        raise QpsaError(f"--out {path}: give the JSON file's name; the CSV is written beside it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QpsaError(f"--out {path}: the folder {parent} does not exist")
+    model_file = model_path.resolve()
+    for p in (path, path.with_suffix(".csv")):
+        if p.resolve() == model_file:
+            raise QpsaError(f"--out {path}: would overwrite the model file {model_path}")
+    return path
+
+
+def baseline(
+    ctx: typer.Context,
+    model: ModelArg,
+    methods: Annotated[
+        Optional[list[str]],
+        typer.Option("--methods", help=f"methods to run (default: all): {', '.join(METHOD_NAMES)}; "
+                                       "space- or comma-separated, or --methods repeated"),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="evaluate on the text's first N tokens, as one window")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of the random baseline")] = 42,
+    n: Annotated[int, typer.Option("--n", help="angular distance compares the states n layers apart")] = 1,
+    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV is written beside it); "
+                                                    "default baseline-MODEL.json here")] = None,
+    as_json: JsonOpt = False,
+):
+    """Baseline layer-importance scores (ablation, weight norm, random, ShortGPT block influence,
+    angular distance, Fisher), their rankings and how well they agree."""
+    from qpsa.sources.catalog import resolve_model
+
+    names = split_methods(methods, list(ctx.args))
+    if max_tokens < 2:
+        raise QpsaError(f"--max-tokens must be at least 2 (got {max_tokens})")
+    if n < 1:
+        raise QpsaError(f"--n must be at least 1 (got {n})")
+    if text and dataset:
+        raise QpsaError("give either --text or --dataset, not both")
+    path = out_path(out, model, resolve_model(model))
+
+    from qpsa.sources.texts import resolve_text
+    from qpsa.model.load import load_model
+    from qpsa.report.progress import progress_bar
+    from qpsa.scores.base import ScoreSettings, eval_tokens
+    from qpsa.scores.baselines import run_baselines
+    from qpsa.scores.results import rank_agreement
+
+    eval_text = resolve_text(text, dataset)
+    loaded = load_model(model)
+    tokens = eval_tokens(loaded, eval_text, max_tokens)
+    if n > loaded.config.n_layer:
+        raise QpsaError(f"--n {n} exceeds the model's {loaded.config.n_layer} layers")
+    settings = ScoreSettings(seed=seed, max_tokens=max_tokens, angular_n=n)
+    console = None
+    if not as_json:
+        from rich.console import Console
+
+        from qpsa.report.tables import run_header
+
+        console = Console()
+        run_header(console, loaded, eval_text, f"first {tokens.tokens.shape[1]} tokens, {tokens.n_scored} scored")
+
+    def bar(label, total):
+        return progress_bar(label, total, quiet=as_json)
+
+    run = run_baselines(loaded, tokens, names, settings, bar=bar)
+    run.save(path)
+    with warnings.catch_warnings():  # constant scores give NaN correlations, reported as such
+        warnings.simplefilter("ignore")
+        rows = rank_agreement(run.methods) if len(run.methods) > 1 else []
+    if as_json:
+        sys.stdout.write(json.dumps({**run.to_dict(), "agreement": rows, "out": str(path)}, indent=2) + "\n")
+        return
+    from qpsa.report.scores_tables import baseline_report
+
+    console.print(f"base PPL {run.base['ppl']:.4f}  (mean NLL {run.base['nll']:.4f})")
+    baseline_report(console, run, rows, out=str(path))
+
+
+def agreement(
+    files: Annotated[list[str], typer.Argument(help="results files written by `q-psa baseline` or `q-psa score`")],
+    as_json: JsonOpt = False,
+):
+    """Rank agreement (Spearman ρ, Kendall τ) between every pair of methods in one or more results
+    files; with several files, methods are named FILE-STEM:METHOD."""
+    from qpsa.scores.results import ScoreRun, rank_agreement
+
+    runs = [ScoreRun.load(f) for f in files]
+    stems = [Path(f).stem for f in files]
+    methods = {}
+    for k, (f, stem, run) in enumerate(zip(files, stems, runs)):
+        prefix = "" if len(files) == 1 else (stem if stems.count(stem) == 1 else f"{stem}#{k + 1}") + ":"
+        for name, s in run.methods.items():
+            methods[prefix + name] = s
+    lengths = {name: len(s.scores) for name, s in methods.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k} ({v})" for k, v in lengths.items())
+        raise QpsaError(f"the methods score different numbers of layers: {listed}")
+    if len(methods) < 2:
+        raise QpsaError(f"rank agreement needs at least two methods; {', '.join(files)} hold{'s' if len(files) == 1 else ''} "
+                        f"{len(methods)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = rank_agreement(methods)
+    if as_json:
+        sys.stdout.write(json.dumps({"files": files, "methods": list(methods), "agreement": rows}, indent=2) + "\n")
+        return
+    from rich.console import Console
+
+    from qpsa.report.scores_tables import agreement_table, rankings_table
+
+    console = Console()
+    rankings_table(console, methods)
+    agreement_table(console, rows)

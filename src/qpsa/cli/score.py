@@ -1,0 +1,197 @@
+"""`q-psa score`: Q-PSA layer scores, with checkpoints so a long run can be resumed.
+
+Registered in `qpsa.cli.app`; heavy imports (torch, the model) happen inside the function so that
+`q-psa --help` stays instant. Every user error is a QpsaError raised before any heavy work
+where it can be known then (numbers, --layers, the output path, an existing checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qpsa.errors import QpsaError
+
+
+def score(
+    model: Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")],
+    samples_per_matrix: Annotated[int, typer.Option("--samples-per-matrix", help="samples (N) per matrix")] = 100,
+    layers: Annotated[Optional[str], typer.Option(help='layers to score, e.g. "0-5,9" (default: all)')] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sampling (per layer and matrix)")] = 42,
+    max_tokens: Annotated[int, typer.Option(help="evaluation tokens: the text's first N, as one window")] = 500,
+    unit: Annotated[str, typer.Option(help="what one sample moves: weight (code ±1), block (all codes ±1, random "
+                                           "signs) or byte (raw byte ±1, the original study)")] = "weight",
+    estimator: Annotated[str, typer.Option(help="exact (every sample evaluated) or probe (N samples moved together "
+                                                "with random signs, K probes)")] = "exact",
+    probes: Annotated[Optional[int], typer.Option(help="probes (K) per layer or per matrix (--probe-scope), --estimator "
+                                                       "probe (default: 12 per layer, 2 per matrix)")] = None,
+    probe_scope: Annotated[str, typer.Option("--probe-scope", help="layer (one probe moves N units of every matrix of "
+                                                                   "the layer) or matrix (per-matrix breakdown)")] = "layer",
+    precision: Annotated[Optional[str], typer.Option(help="float32 or float64 (default: float64 for exact, "
+                                                          "float32 for probe)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="perturbations evaluated per batch")] = 8,
+    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2")] = None,
+    out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV goes beside it); default "
+                                                    "score-<model>.json")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+):
+    """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
+    from qpsa.sources.catalog import resolve_model
+    from qpsa.scores.qpsa import QpsaSettings
+
+    settings = QpsaSettings(samples_per_matrix=samples_per_matrix, seed=seed, max_tokens=max_tokens, unit=unit,
+                            estimator=estimator, probes=probes, precision=precision, batch_size=batch_size,
+                            probe_scope=probe_scope)
+    if text and dataset:
+        raise QpsaError("give either --text or --dataset, not both")
+    model_path = resolve_model(model)
+    out_path = Path(out) if out else Path(f"score-{_stem(model)}.json")
+    check_out_path(out_path, model_path)
+    from qpsa.scores.checkpoint import Checkpoint, checkpoint_path
+
+    ckpt_path = checkpoint_path(out_path)
+    ckpt = None
+    if ckpt_path.exists() or ckpt_path.is_symlink():
+        if not resume:
+            raise QpsaError(f"{ckpt_path}: a checkpoint of an unfinished run exists; pass --resume to continue it "
+                            "or delete it to start over")
+        ckpt = Checkpoint.load(ckpt_path)
+
+    from qpsa.sources.texts import resolve_text
+    from qpsa.gguf.read import open_gguf
+    from qpsa.model.config import config_from_metadata
+    from qpsa.scores.qpsa import parse_layers
+
+    gguf_file = open_gguf(model_path)
+    meta = gguf_file.metadata
+    n_layer = meta.get(f"{gguf_file.arch}.block_count")
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise QpsaError(f"{model_path}: no layer count ({gguf_file.arch}.block_count) in the metadata")
+    layer_list = parse_layers(layers, n_layer)
+    config = config_from_metadata(meta)
+    if max_tokens > config.context_length:
+        raise QpsaError(f"--max-tokens {max_tokens} exceeds the model's context length {config.context_length}")
+    eval_text = resolve_text(text, dataset)
+    header = {"model": {"sha256": gguf_file.sha256, "path": str(model_path), "n_layer": n_layer},
+              "text": {"sha256": eval_text.sha256}, "settings": settings.to_dict(), "layers": layer_list}
+    if ckpt is not None:
+        ckpt.check_matches(header)
+
+    import hashlib
+
+    import torch
+
+    from qpsa.model.kernel import engine
+    from qpsa.model.load import load_model
+    from qpsa.scores.base import eval_tokens
+    from qpsa.scores.qpsa import score_qpsa
+    from qpsa.scores.results import ScoreRun
+
+    start = time.perf_counter()
+    loaded = load_model(model, dtype=settings.dtype)
+    tokens = eval_tokens(loaded, eval_text, max_tokens)
+    header["text"] = {"sha256": eval_text.sha256, "span": tokens.span, "start_token": tokens.start,
+                      "n_tokens": int(tokens.tokens.shape[1]),
+                      "tokens_sha256": hashlib.sha256(tokens.tokens.numpy().astype("<i8").tobytes()).hexdigest()}
+    if ckpt is not None:
+        ckpt.check_matches(header)
+    else:
+        ckpt = Checkpoint(ckpt_path, header, environment={"torch": torch.__version__, **engine()})
+    env = {"torch": torch.__version__, **engine()}
+    if ckpt.environment and ckpt.environment != env:
+        _note(f"warning: the checkpoint was written with {ckpt.environment}, this run has {env}; float results "
+              "of the remaining matrices may differ in the last bits from an uninterrupted run")
+
+    units = settings.units_of_layer
+    what = "layers" if settings.layer_probes else "matrices"
+    total = len(layer_list) * len(units)
+    todo = total - sum(1 for i in layer_list for m in units if f"{i}/{m}" in ckpt.units)
+    if resume and ckpt.units:
+        finished = [i for i in layer_list if all(f"{i}/{m}" in ckpt.units for m in units)]
+        from qpsa.scores.checkpoint import _ranges
+
+        _note(f"resuming {ckpt_path}: {total - todo} of {total} {what} finished "
+              f"(complete layers: {_ranges(finished) or 'none'}); computing {todo}")
+    elif resume:
+        _note(f"no finished {what} in a checkpoint at {ckpt_path}; starting from the beginning")
+    if not as_json:
+        _note(f"{loaded.config.arch} {loaded.path.name}  sha256 {loaded.file.sha256[:16]}…  "
+              f"text {eval_text.name}  {tokens.n_scored} scored tokens  {settings.estimator} estimator, "
+              f"unit {settings.unit}, {settings.resolved_precision}")
+    from qpsa.report.progress import progress_bar
+
+    with progress_bar(f"Q-PSA ({what})", todo, quiet=as_json) as advance:
+        result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, progress=advance, log=_note)
+    run_info = result.scores.details["run"]
+    _note(f"layers computed: {_ranges_or_none(run_info['computed_layers'])}; "
+          f"fully resumed from the checkpoint: {_ranges_or_none(run_info['resumed_layers'])} "
+          f"({len(run_info['resumed_units'])} {what} resumed, {len(run_info['computed_units'])} computed)")
+    score_settings = {**settings.to_dict(), "probes": settings.probes if settings.estimator == "probe" else None,
+                      "layers": layer_list}
+    score_run = ScoreRun(
+        command="score",
+        model={"name": model, "path": str(loaded.path), "sha256": loaded.file.sha256,
+               "architecture": loaded.config.arch, "n_layer": loaded.config.n_layer},
+        text=tokens.describe(), settings=score_settings,
+        base={"ppl": result.base_ppl, "nll": result.base_nll},
+        methods={"qpsa": result.scores}, seconds=time.perf_counter() - start,
+    )
+    score_run.save(out_path)
+    ckpt.delete()
+    if as_json:
+        sys.stdout.write(json.dumps(score_run.to_dict(), indent=1, default=str) + "\n")
+        return
+    from rich.console import Console
+
+    from qpsa.report.qpsa_tables import qpsa_report
+
+    qpsa_report(Console(), score_run)
+    Console().print(f"results: {out_path} (and {out_path.with_suffix('.csv').name})")
+
+
+def _stem(model: str) -> str:
+    from qpsa.sources.catalog import BUNDLED
+
+    return model if model in BUNDLED else Path(model).stem
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ranges_or_none(layers: list[int]) -> str:
+    from qpsa.scores.checkpoint import _ranges
+
+    return _ranges(layers) or "none"
+
+
+def check_out_path(out: Path, model_path: Path) -> None:
+    """QpsaError unless `out` (and the CSV beside it) can be written and is not the model itself."""
+    if out.suffix.lower() == ".csv":
+        raise QpsaError(f"--out {out}: give the JSON's name; the CSV is written beside it")
+    for target in (out, out.with_suffix(".csv")):
+        try:
+            if target.exists() and target.resolve() == Path(model_path).resolve():
+                raise QpsaError(f"--out {out}: that is the model file; choose another name")
+        except OSError:
+            pass
+    if out.is_dir():
+        raise QpsaError(f"--out {out}: is a directory; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise QpsaError(f"--out {out}: folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as e:
+        raise QpsaError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -1,0 +1,207 @@
+"""`q-psa plan`: a type per layer (or tensor) under a size budget, chosen from measured KL divergence.
+
+1. Measure: every group (layer, or tensor, plus the embedding/head) requantized alone to every
+   candidate type, on the measured span (qpsa.quant.sensitivity). Keeping a group as it is, is an
+   option too (KLD 0, its present size).
+2. Choose: minimize the summed mean KLD of the chosen options with the summed size within the
+   budget (qpsa.quant.sensitivity.choose_mixture: exact for this additive model, by dynamic
+   programming; greedy by ΔKLD per bit saved is what it improves on, since greedy can strand
+   budget where a group's options are not convex).
+3. Check: the whole plan, requantized in memory, against the unmodified model on the held-out
+   span (the windows after the measured ones): its actual KLD and PPL beside the predicted sum,
+   and beside llama-quantize's uniform types (`q-psa requantize --type T --fallback`) of the
+   nearest sizes above and below.
+
+The budget is in bits per weight over every tensor of the file (what llama.cpp prints as BPW):
+8 × tensor bytes / all weights, tensors that are never quantized (norms) included at their size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from qpsa.errors import QpsaError
+from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
+from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, qtype_named, requantized_tensors
+
+Q = GGMLQuantizationType
+
+
+@dataclass
+class Measured:
+    """A whole model's types checked on the held-out span."""
+
+    label: str
+    bits_per_weight: float
+    n_bytes: int
+    stats: VariantStats
+    predicted_kld: float | None = None  # the sum of the chosen groups' measured KLDs
+    predicted_kld_se: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "bits_per_weight": self.bits_per_weight, "bytes": self.n_bytes,
+                "predicted_kld": self.predicted_kld, "predicted_kld_se": self.predicted_kld_se, **self.stats.to_dict()}
+
+
+@dataclass
+class PlanResult:
+    model_name: str
+    source_path: Path
+    target_bpw: float
+    granularity: str
+    types: list[str]
+    groups: list[dict]  # per group: name, chosen type, bytes, predicted KLD ± se, options
+    choices: list[TensorChoice]  # per tensor, for requantize
+    plan: Measured
+    uniform: list[Measured] = field(default_factory=list)
+    seconds: float = 0.0
+    _gguf_file: object = None
+
+    def to_dict(self) -> dict:
+        return {"target_bpw": self.target_bpw, "granularity": self.granularity, "types": self.types,
+                "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform], "groups": self.groups,
+                "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
+                "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
+
+    def llama_quantize_args(self) -> list[str]:
+        """Arguments for llama-quantize reproducing the plan: one --tensor-type per changed tensor."""
+        args = ["--allow-requantize"]
+        for c in self.choices:
+            if c.target != c.source:
+                args += ["--tensor-type", f"^{re.escape(c.name)}$={c.target.name.lower()}"]
+        return args + [str(self.source_path), "OUT.gguf", _base_type(self.choices)]
+
+    def write(self, out: Path, output: str | None, quiet: bool = False) -> list[str]:
+        from qpsa.fsutil import write_atomic
+        from qpsa.report.progress import progress_bar
+        from qpsa.quant.requantize import write_requantized
+
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        path = out / "plan.json"
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        files.append(str(path))
+        recipe = out / "recipe.txt"
+        lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw} bits/weight ({self.granularity} granularity)",
+                 "# one REGEX=TYPE per changed tensor, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
+        lines += [f"^{re.escape(c.name)}$={c.target.name}" for c in self.choices if c.target != c.source]
+        lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in self.llama_quantize_args())]
+        write_atomic(recipe, "\n".join(lines) + "\n")
+        files.append(str(recipe))
+        if output:
+            with progress_bar("writing the planned GGUF", len(self.choices), quiet=quiet) as advance:
+                write_requantized(self._gguf_file, self.choices, output, progress=advance)
+            files.append(str(output))
+        return files
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _base_type(choices) -> str:
+    from collections import Counter
+
+    counts = Counter(c.target.name for c in choices if c.target != c.source)
+    return (counts.most_common(1)[0][0] if counts else "COPY").lower()
+
+
+def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, granularity: str, resume: bool) -> PlanResult:
+    start = time.perf_counter()
+    loaded = session.loaded
+    gguf_file = loaded.file
+    groups = quant_groups(loaded, granularity)
+    n_weights = sum(t.n_elements for t in gguf_file.tensors.values())
+    grouped = {n for g in groups for n in g.tensors}
+    fixed = sum(t.raw.nbytes for n, t in gguf_file.tensors.items() if n not in grouped)
+
+    options: dict[str, list[Option]] = {}
+    types_of: dict[tuple[str, str], dict] = {}
+    for g in groups:
+        keep = sum(gguf_file.tensors[n].raw.nbytes for n in g.tensors)
+        options[g.name] = [Option("keep", keep, 0.0, 0.0)]
+        types_of[(g.name, "keep")] = {n: gguf_file.tensors[n].qtype.name for n in g.tensors}
+    for qtype in qtypes:
+        result = session.sensitivity(qtype, granularity, resume)
+        session.write_sensitivity(result)
+        for row in result.rows:
+            options[row.group.name].append(Option(qtype.name, row.bytes, row.stats.kld, row.stats.kld_se))
+            types_of[(row.group.name, qtype.name)] = row.types
+
+    lo = fixed + sum(min(o.bytes for o in opts) for opts in options.values())
+    hi = fixed + sum(max(o.bytes for o in opts) for opts in options.values())
+    lo_bpw, hi_bpw = 8 * lo / n_weights, 8 * hi / n_weights
+    if not lo_bpw <= target_bpw <= hi_bpw:
+        raise QpsaError(f"--target-bpw {target_bpw} is outside what these types can reach for this model: "
+                        f"{lo_bpw:.3f} to {hi_bpw:.3f} bits per weight")
+    budget = int(target_bpw * n_weights / 8) - fixed
+    chosen, predicted = choose_mixture(options, budget)
+
+    tensor_types: dict[str, str] = {}
+    group_rows = []
+    for g in groups:
+        o = chosen[g.name]
+        tensor_types.update(types_of[(g.name, o.qtype)])
+        group_rows.append({"group": g.name, "type": o.qtype, "bytes": o.bytes, "predicted_kld": o.kld,
+                           "predicted_kld_se": o.kld_se,
+                           "options": [{"type": x.qtype, "bytes": x.bytes, "kld": x.kld, "kld_se": x.kld_se}
+                                       for x in options[g.name]]})
+    choices = _exact_choices(gguf_file, tensor_types)
+
+    # check on the held-out span
+    from qpsa.report.progress import progress_bar
+
+    with progress_bar("held-out reference pass", session.held_out.tokens.shape[0], quiet=session.quiet) as advance:
+        held = Reference(loaded.model, session.held_out, progress=advance)
+    plan_measured = _measure(held, loaded, choices, "plan")
+    plan_measured.predicted_kld = predicted
+    plan_measured.predicted_kld_se = sum(o.kld_se**2 for o in chosen.values()) ** 0.5
+    uniform = []
+    sizes = []
+    for qtype in qtypes:
+        uniform_choices = choose_types(gguf_file, qtype, fallback=True)
+        sizes.append((sum(c.n_bytes for c in uniform_choices), qtype, uniform_choices))
+    plan_bytes = sum(c.n_bytes for c in choices)
+    above = [s for s in sizes if s[0] >= plan_bytes]
+    below = [s for s in sizes if s[0] < plan_bytes]
+    for n_bytes, qtype, uniform_choices in ([min(above, key=lambda s: s[0])] if above else []) + (
+        [max(below, key=lambda s: s[0])] if below else []
+    ):
+        uniform.append(_measure(held, loaded, uniform_choices, f"uniform {qtype.name}"))
+    result = PlanResult(loaded.name, gguf_file.path, target_bpw, granularity, [t.name for t in qtypes], group_rows,
+                        choices, plan_measured, uniform, time.perf_counter() - start, gguf_file)
+    return result
+
+
+def _exact_choices(gguf_file, tensor_types: dict[str, str]) -> list[TensorChoice]:
+    """Every tensor of the file with the planned type (others as they are)."""
+    choices = []
+    for name, t in gguf_file.tensors.items():
+        target = qtype_named(tensor_types[name]) if name in tensor_types else t.qtype
+        why = "plan" if target != t.qtype else ("not quantized" if not is_quantizable(name, t.shape) else "kept")
+        choices.append(TensorChoice(name, t.shape, t.qtype, target, why))
+    return choices
+
+
+def _measure(ref: Reference, loaded, choices: list[TensorChoice], label: str) -> Measured:
+    """The model with every tensor in its chosen type, against the unmodified one on `ref`'s windows."""
+    import numpy as np
+
+    from qpsa.gguf.dequant import dequantize
+
+    changed = [c for c in choices if c.target != c.source]
+    values = {}
+    for name, qtype, shape, raw in requantized_tensors(loaded.file, changed):
+        values[name] = dequantize(np.asarray(raw), qtype, shape)
+    stats = ref.measure(values, 0)
+    n_bytes = sum(c.n_bytes for c in choices)
+    n_weights = sum(c.n_elements for c in choices)
+    return Measured(label, 8 * n_bytes / n_weights, n_bytes, stats)

@@ -1,0 +1,366 @@
+"""What quantizing each part of a model costs: KL divergence and perplexity against the unmodified model.
+
+    ref = Reference(loaded.model, windows)                   # one pass of the unmodified model, cached
+    groups = quant_groups(loaded, "layer")                   # layers (and the embedding / output head)
+    stats = ref.measure(requantized_values(loaded, groups[3], Q.Q4_0), groups[3].first_layer)
+
+`Reference` runs the unmodified model once over the windows (llama.cpp's perplexity protocol: the
+second half of each window is scored) and keeps the hidden state entering every layer and the
+log-probabilities of every scored position. A variant that changes only layer i's weights then
+costs layers i … L−1 and the output head: its weights are written into the model in place, the
+layers from i on are re-run from the cached state, and the originals are put back.
+
+Per variant, over the scored tokens:
+
+* KLD: KL(P_base ‖ P_variant) of the next-token distributions, Σ_v p_base·(ln p_base − ln p_variant),
+  summed in float64 over log-probabilities computed in float64 and stored rounded to float32 (the
+  base's are kept that way: 4 bytes per vocabulary entry and scored token). A model identical to
+  the base gets exactly 0; the rounding leaves a noise floor of about 1e-9 nats per token on the
+  mean, far below what requantizing even one tensor to Q8_0 causes (1e-5 and up on SmolLM2);
+* ΔNLL: the paired difference of token NLLs, whose mean is ln PPL_variant − ln PPL_base, with the
+  standard error of that mean (paired, so much smaller than either PPL's own ±);
+* same top: % of positions whose most likely token is unchanged.
+
+Every mean comes with its standard error over tokens (which treats tokens as independent, as
+llama.cpp does; neighbouring tokens are correlated, so it understates the uncertainty somewhat).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qpsa.eval.perplexity import Windows
+from qpsa.model.transformer import Transformer
+from qpsa.quant.requantize import FALLBACK, is_quantizable
+
+Q = GGMLQuantizationType
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass
+class QuantGroup:
+    """Tensors requantized together: one layer's weights, one tensor, or the embedding/head."""
+
+    name: str  # "layer 3", "blk.3.ffn_down.weight", "token_embd.weight"
+    tensors: list[str]
+    first_layer: int  # the first layer whose output changes (0 for the embedding, L for a separate head)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quant_groups(loaded, granularity: str = "layer") -> list[QuantGroup]:
+    """The quantizable tensors of a model grouped by layer or one per tensor, in forward order."""
+    if granularity not in ("layer", "tensor"):
+        from qpsa.errors import QpsaError
+
+        raise QpsaError(f"--granularity must be layer or tensor (got {granularity!r})")
+    n_layer = loaded.config.n_layer
+    by_layer: dict[int, list[str]] = {}
+    embedding, head = [], []
+    for name, t in loaded.file.tensors.items():
+        if not is_quantizable(name, t.shape):
+            continue
+        m = _LAYER.match(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
+        elif name == "output.weight":
+            head.append(name)
+        else:
+            embedding.append(name)
+    groups = [QuantGroup(name, [name], 0) for name in embedding]
+    for i in sorted(by_layer):
+        names = sorted(by_layer[i], key=_tensor_order)
+        if granularity == "layer":
+            groups.append(QuantGroup(f"layer {i}", names, i))
+        else:
+            groups += [QuantGroup(name, [name], i) for name in names]
+    groups += [QuantGroup(name, [name], n_layer) for name in head]
+    return groups
+
+
+_ORDER = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+
+
+def _tensor_order(name: str) -> tuple[int, str]:
+    for k, part in enumerate(_ORDER):
+        if part in name:
+            return k, name
+    return len(_ORDER), name
+
+
+def fitted_type(row: int, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """qtype, or llama-quantize's fallback where its blocks do not divide the row length."""
+    if row % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    new = FALLBACK.get(qtype, Q.F16)
+    return new if row % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
+
+
+def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> tuple[dict[str, torch.Tensor], dict]:
+    """The group's weights requantized to qtype (fallback types where rows do not fit): new
+    float32 values by tensor name, and {"bytes", "bytes_before", "types"} of the group."""
+    from qpsa.gguf.dequant import dequantize
+    from qpsa.gguf.quantize import quantize
+
+    values, n_bytes, n_before, types = {}, 0, 0, {}
+    for name in group.tensors:
+        t = loaded.file.tensors[name]
+        target = fitted_type(t.shape[-1], qtype)
+        block, size = GGML_QUANT_SIZES[target]
+        n_bytes += t.n_elements // block * size
+        n_before += t.raw.nbytes
+        types[name] = target.name
+        if target == t.qtype:
+            continue  # the same bytes: unchanged values
+        x = t.to_torch().numpy()
+        raw = quantize(x.reshape(-1, x.shape[-1]), target).reshape(-1)
+        values[name] = dequantize(raw, target, t.shape)
+    return values, {"bytes": n_bytes, "bytes_before": n_before, "types": types}
+
+
+@dataclass
+class VariantStats:
+    n_tokens: int
+    kld: float  # mean KL(base ‖ variant), nats per token
+    kld_se: float
+    kld_p99: float
+    kld_max: float
+    dnll: float  # mean NLL_variant − NLL_base = ln(PPL_variant / PPL_base)
+    dnll_se: float
+    ppl: float
+    ppl_base: float
+    same_top: float  # fraction of positions with the same most likely token
+    same_top_se: float
+
+    @property
+    def dppl(self) -> float:
+        return self.ppl - self.ppl_base
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "dppl": self.dppl}
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    n = x.size
+    mean = float(x.mean())
+    return mean, float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
+class Reference:
+    """The unmodified model over `windows`: states entering every layer and scored log-probabilities."""
+
+    def __init__(self, model: Transformer, windows: Windows, progress: Callable[[], None] | None = None):
+        self.model = model
+        self.windows = windows
+        n, T = windows.tokens.shape
+        self.positions = torch.arange(T)
+        self.states: list[list[torch.Tensor]] = []  # [window][layer] (1, T, C)
+        self.logp: list[torch.Tensor] = []  # [window] (S, V) float32 log-probabilities
+        self.top: list[torch.Tensor] = []  # [window] (S,) argmax
+        nll = []
+        with torch.inference_mode():
+            for w in range(n):
+                h = model.embed(windows.tokens[w : w + 1])
+                states = [h]
+                for i in range(model.config.n_layer):
+                    h = model.block(i, h, self.positions)
+                    states.append(h)
+                self.states.append(states)
+                logp = self._log_probs(h)
+                self.logp.append(logp.float())
+                self.top.append(logp.argmax(-1))
+                nll.append(-logp.gather(-1, self._targets(w))[:, 0])
+                if progress:
+                    progress()
+        self.nll = torch.cat(nll).numpy()  # (n·S,) float64
+        self.ppl = math.exp(float(self.nll.mean()))
+
+    def _targets(self, w: int) -> torch.Tensor:
+        return self.windows.tokens[w, self.windows.score_from + 1 :, None]  # (S, 1)
+
+    def _log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """float64 log-softmax of the scored positions' logits, (S, V)."""
+        logits = self.model.logits(h[:, self.windows.score_from : -1])[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    def measure(self, values: dict[str, torch.Tensor], first_layer: int) -> VariantStats:
+        """Statistics of the model with `values` written over its weights (restored afterwards);
+        only layers from `first_layer` on are re-run."""
+        if not values:  # nothing changes: the base itself, exactly
+            return self.identity()
+        weights = self.model.weights
+        saved = {name: weights[name].clone() for name in values}
+        try:
+            for name, v in values.items():
+                weights[name].copy_(v)
+            kld, nll, same = [], [], []
+            with torch.inference_mode():
+                for w, states in enumerate(self.states):
+                    if first_layer == 0:
+                        h = self.model.embed(self.windows.tokens[w : w + 1])
+                    else:
+                        h = states[first_layer]
+                    h = self.model.run_layers(h, range(first_layer, self.model.config.n_layer), self.positions)
+                    logp = self._log_probs(h)
+                    base = self.logp[w].double()
+                    stored = logp.float().double()  # rounded as the base was, so an identical model gives 0
+                    kld.append((base.exp() * (base - stored)).sum(-1))
+                    nll.append(-logp.gather(-1, self._targets(w))[:, 0])
+                    same.append((logp.argmax(-1) == self.top[w]).double())
+        finally:
+            for name, v in saved.items():
+                weights[name].copy_(v)
+        kld = torch.cat(kld).numpy()
+        nll = torch.cat(nll).numpy()
+        same = torch.cat(same).numpy()
+        dnll, dnll_se = _mean_se(nll - self.nll)
+        kmean, kse = _mean_se(kld)
+        smean, sse = _mean_se(same)
+        return VariantStats(
+            n_tokens=kld.size, kld=kmean, kld_se=kse, kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
+            dnll=dnll, dnll_se=dnll_se, ppl=math.exp(float(nll.mean())), ppl_base=self.ppl, same_top=smean,
+            same_top_se=sse,
+        )
+
+
+    def identity(self) -> VariantStats:
+        n = self.nll.size
+        return VariantStats(n_tokens=n, kld=0.0, kld_se=0.0, kld_p99=0.0, kld_max=0.0, dnll=0.0, dnll_se=0.0,
+                            ppl=self.ppl, ppl_base=self.ppl, same_top=1.0, same_top_se=0.0)
+
+
+@dataclass
+class SensitivityRow:
+    group: QuantGroup
+    qtype: str
+    bytes: int  # the group's tensor data at the new type
+    bytes_before: int
+    types: dict  # tensor -> type actually written (fallbacks included)
+    stats: VariantStats
+    seconds: float
+
+    @property
+    def bits_saved(self) -> int:
+        return 8 * (self.bytes_before - self.bytes)
+
+    def to_dict(self) -> dict:
+        return {"group": self.group.to_dict(), "type": self.qtype, "bytes": self.bytes,
+                "bytes_before": self.bytes_before, "types": self.types, **self.stats.to_dict(),
+                "seconds": self.seconds}
+
+
+@dataclass
+class SensitivityResult:
+    qtype: str
+    granularity: str
+    rows: list[SensitivityRow] = field(default_factory=list)
+    ppl_base: float = 0.0
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"type": self.qtype, "granularity": self.granularity, "ppl_base": self.ppl_base,
+                "n_tokens": self.n_tokens, "seconds": self.seconds, "rows": [r.to_dict() for r in self.rows]}
+
+
+def run_sensitivity(
+    loaded, ref: Reference, qtype: GGMLQuantizationType, groups: list[QuantGroup],
+    done: dict[str, SensitivityRow] | None = None, on_row: Callable[[SensitivityRow], None] | None = None,
+    measured: dict | None = None,
+) -> SensitivityResult:
+    """Requantize each group alone to qtype and measure it against the reference; rows already in
+    `done` (by group name, from a checkpoint) are taken as they are. `on_row` sees each new row.
+    `measured` (shared across calls) remembers statistics by the exact types a group's tensors
+    got, so a type that falls back to one already measured (Q6_K -> Q8_0 on rows of 576) costs nothing."""
+    import time
+
+    start = time.perf_counter()
+    result = SensitivityResult(qtype.name, "", ppl_base=ref.ppl, n_tokens=ref.nll.size)
+    for group in groups:
+        if done and group.name in done:
+            result.rows.append(done[group.name])
+            continue
+        t = time.perf_counter()
+        key = (group.name, tuple(fitted_type(loaded.file.tensors[n].shape[-1], qtype) for n in group.tensors))
+        if measured is not None and key in measured:
+            stats, info = measured[key]
+        else:
+            values, info = group_variant(loaded, group, qtype)
+            stats = ref.measure(values, group.first_layer)
+            if measured is not None:
+                measured[key] = (stats, info)
+        row = SensitivityRow(group, qtype.name, info["bytes"], info["bytes_before"], info["types"], stats,
+                             time.perf_counter() - t)
+        result.rows.append(row)
+        if on_row:
+            on_row(row)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def row_from_dict(d: dict) -> SensitivityRow:
+    """A row as `SensitivityRow.to_dict` wrote it (checkpoints and `--sensitivities` files)."""
+    fields = VariantStats.__dataclass_fields__
+    stats = VariantStats(**{k: d[k] for k in fields})
+    return SensitivityRow(QuantGroup(**d["group"]), d["type"], d["bytes"], d["bytes_before"], d["types"], stats,
+                          d["seconds"])
+
+
+# ---- mixed-precision plans ----------------------------------------------------------------------
+
+
+@dataclass
+class Option:
+    qtype: str  # a type name, or "keep" for the tensors' present types
+    bytes: int
+    kld: float  # predicted mean KLD this choice adds
+    kld_se: float
+
+
+def choose_mixture(options: dict[str, list[Option]], budget: int, resolution: int = 4000) -> tuple[dict[str, Option], float]:
+    """One option per group minimizing the summed KLD with summed bytes <= budget.
+
+    Exact for the additive model at a size resolution of budget/`resolution` (sizes are rounded
+    up, so the result always fits): a multiple-choice knapsack solved by dynamic programming over
+    the budget. Returns (choice per group, predicted total KLD).
+    """
+    unit = max(1, budget // resolution)
+    cap = budget // unit
+    inf = float("inf")
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    picks = []
+    for group, opts in options.items():
+        weights = [-(-o.bytes // unit) for o in opts]
+        new = np.full(cap + 1, inf)
+        pick = np.full(cap + 1, -1, dtype=np.int16)
+        for k, (o, w) in enumerate(zip(opts, weights)):
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[w:] = best[: cap + 1 - w] + o.kld
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = k
+        best = new
+        picks.append((group, pick, weights))
+    c = int(np.argmin(best))
+    if not math.isfinite(best[c]):
+        from qpsa.errors import QpsaError
+
+        raise QpsaError("no choice of types fits the budget")
+    total = float(best[c])
+    chosen = {}
+    for group, pick, weights in reversed(picks):
+        k = int(pick[c])
+        chosen[group] = options[group][k]
+        c -= weights[k]
+    return dict(reversed(list(chosen.items()))), total
