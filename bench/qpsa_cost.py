@@ -54,14 +54,14 @@ class Units:
     """Full float32 forwards (median of 3), measured whenever asked; phases use the mean around them."""
 
     def __init__(self, model, tokens):
-        from qpsa.scores.qpsa import Evaluator
+        from qpsa.scores.qpsa.evaluate import Evaluator
 
         self.model, self.tokens, self.seen = model, tokens, []
         Evaluator(model, tokens, 1)  # warm-up
 
     def measure(self) -> float:
         from qpsa.scores.base import LayerStates
-        from qpsa.scores.qpsa import chunked_nll
+        from qpsa.scores.qpsa.evaluate import chunked_nll
 
         times = []
         for _ in range(3):
@@ -77,7 +77,8 @@ class Units:
 def run_units(ev, file, settings, layers, log) -> dict:
     """Per layer: the raw results of every unit (matrices, or the layer for layer-scope probes),
     seconds and directions."""
-    from qpsa.scores.qpsa import evaluate_plan, plan_unit
+    from qpsa.scores.qpsa.moves import plan_unit
+    from qpsa.scores.qpsa.summary import evaluate_plan
 
     out = {}
     for i in layers:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                          "(same seed and settings) instead of computing them; skips (b)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
-    from qpsa.scores.qpsa import QpsaSettings
+    from qpsa.scores.qpsa.settings import QpsaSettings
 
     args.settings = QpsaSettings(samples_per_matrix=args.probe_n, estimator="probe", probes=args.probes,
                                  probe_scope=args.probe_scope, precision="float32", batch_size=args.batch_size,
@@ -143,15 +144,10 @@ def main(argv=None) -> int:
     from qpsa.model.load import load_model
     from qpsa.model.transformer import Transformer
     from qpsa.scores.base import eval_tokens
-    from qpsa.scores.qpsa import (
-        MATRICES,
-        Evaluator,
-        QpsaSettings,
-        deterministic,
-        layer_summary,
-        matrix_summary,
-        sample_values,
-    )
+    from qpsa.scores.qpsa.evaluate import Evaluator
+    from qpsa.scores.qpsa.run import deterministic
+    from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings
+    from qpsa.scores.qpsa.summary import layer_summary, matrix_summary, sample_values
 
     def log(line):
         print(line, file=sys.stderr, flush=True)

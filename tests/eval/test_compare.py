@@ -13,19 +13,9 @@ from gguf import GGMLQuantizationType as Q
 from helpers.cli_run import run, assert_user_error
 from helpers.tiny import PROSE, write_tiny_gguf
 
-from qpsa.eval.compare import (
-    CLIP_NATS,
-    BaseLogProbsFile,
-    BaseLogProbsWriter,
-    compare_stats,
-    compare_windows,
-    decode_log_probs,
-    encode_log_probs,
-    kld_stats,
-    percentile,
-    row_width,
-    token_stats,
-)
+from qpsa.eval.compare.kld import compare_stats, kld_stats, percentile, token_stats
+from qpsa.eval.compare.logprobs import CLIP_NATS, BaseLogProbsFile, BaseLogProbsWriter, decode_log_probs, encode_log_probs, row_width
+from qpsa.eval.compare.run import compare_windows
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import make_windows
 from qpsa.eval.generation import (
@@ -225,7 +215,7 @@ def test_a_llama_cpp_file_of_another_text_is_refused_by_its_tokens(tmp_path):
     for i in range(w.tokens.shape[0]):
         writer.write(np.zeros((31, row_width(loaded.config.vocab_size)), dtype=np.uint16))
     writer.finish({})
-    from qpsa.eval.compare import check_base_file
+    from qpsa.eval.compare.run import check_base_file
 
     bf = BaseLogProbsFile.open(tmp_path / "b.logits")
     bf.meta = None  # as llama.cpp writes it: no metadata, only the tokens to go by
@@ -382,7 +372,7 @@ def test_kld_and_same_top_match_llama_cpp_on_smollm2(capsys, tmp_path, wikitext,
     finally:
         a.close()
         b.close()
-    from qpsa.eval.compare import TokenStats
+    from qpsa.eval.compare.kld import TokenStats
 
     theirs = compare_stats(TokenStats.concat(parts))
     print(f"\nq-psa: KLD {ours['kld']:.6f} ± {ours['kld_se']:.6f}, same top {100 * ours['same_top']:.3f}%, "

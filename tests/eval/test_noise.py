@@ -10,8 +10,9 @@ import pytest
 
 from qpsa.eval.perplexity import make_windows
 from qpsa.model.load import load_model
-from qpsa.eval.noise import (DEFAULT_PROMPTS, QWERTY_NEIGHBOURS, NoiseSettings, add_typos, embedding_noise,
-                        typo_sensitivity)
+from qpsa.eval.noise.embedding import embedding_noise
+from qpsa.eval.noise.settings import DEFAULT_PROMPTS, NoiseSettings
+from qpsa.eval.noise.typos import QWERTY_NEIGHBOURS, add_typos, typo_sensitivity
 from helpers.cli_run import run
 from helpers.tiny import PROSE, write_tiny_gguf
 
@@ -75,7 +76,8 @@ def test_input_perturbation_definition(loaded, windows):
     """σ·RMS with RMS over every entry of the embedded window, checked by hand for one window."""
     import torch
 
-    from qpsa.eval.noise import _NOISE, _seed
+    from qpsa.eval.noise.settings import NOISE_STREAM
+    from qpsa.eval.noise.summary import draw_seed
 
     one = make_windows(loaded.tokenizer, PROSE, ctx=64, chunks=2)
     one.tokens = one.tokens[:1]
@@ -83,7 +85,7 @@ def test_input_perturbation_definition(loaded, windows):
     e = loaded.model.embed(one.tokens)  # (1, T, C)
     rms = float(e.double().pow(2).mean().sqrt())
     assert r.rms == [pytest.approx(rms)]
-    z = torch.randn(e.shape, generator=torch.Generator().manual_seed(_seed(3, _NOISE, 0, 0)))
+    z = torch.randn(e.shape, generator=torch.Generator().manual_seed(draw_seed(3, NOISE_STREAM, 0, 0)))
     expected = ((0.05 * rms) * z[0].double().norm(dim=-1) / e[0].double().norm(dim=-1)).mean()
     assert r.sigmas[0].layers[0].rel == pytest.approx(float(expected), rel=1e-5)
 
@@ -265,7 +267,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tmp_path, arch):
     """Right padding is invisible to causal attention (and to gemma3's sliding window)."""
     import torch
 
-    from qpsa.eval.noise import greedy
+    from qpsa.eval.noise.typos import greedy
 
     m = load_model(str(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, n_layer=2)))
     prompts = [m.tokenizer.encode(p, bos=m.tokenizer.add_bos) for p in ("hello world and the", "hi", "the world is")]
@@ -280,7 +282,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tmp_path, arch):
 
 def test_progress_counts_every_pass(loaded):
     from qpsa.sources.texts import EvalText
-    from qpsa.eval.noise import run_noise
+    from qpsa.eval.noise.run import run_noise
 
     settings = NoiseSettings(sigmas=(0.01, 0.1), samples=2, ctx=64, chunks=2, new_tokens=3)
     prompts = [f"prompt number {i} about the world" for i in range(13)]  # 13 × 3 rows: two batches

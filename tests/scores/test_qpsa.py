@@ -26,18 +26,11 @@ from qpsa.gguf.read import GGUFTensor
 from qpsa.model.load import load_model
 from qpsa.model.transformer import Transformer
 from qpsa.scores.base import eval_tokens, token_nll
-from qpsa.scores.qpsa import (
-    MATRICES,
-    Evaluator,
-    QpsaSettings,
-    evaluate_plan,
-    matrix_summary,
-    move_codes,
-    parse_layers,
-    plan_layer,
-    plan_matrix,
-    score_qpsa,
-)
+from qpsa.scores.qpsa.evaluate import Evaluator
+from qpsa.scores.qpsa.moves import move_codes, plan_layer, plan_matrix
+from qpsa.scores.qpsa.run import score_qpsa
+from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings, parse_layers
+from qpsa.scores.qpsa.summary import evaluate_plan, matrix_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

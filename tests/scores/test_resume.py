@@ -23,7 +23,7 @@ from helpers.tiny import PROSE, write_tiny_gguf
 
 from qpsa.cli.app import main
 from qpsa.scores.checkpoint import Checkpoint
-from qpsa.scores.qpsa import MATRICES
+from qpsa.scores.qpsa.settings import MATRICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -76,10 +76,10 @@ def inspect(
     as_json: JsonOpt = False,
 ):
     """Architecture, sizes, and every tensor's shape, type, bytes and bits per weight."""
-    from qpsa.sources.catalog import resolve_model
     from qpsa.gguf.read import open_gguf
     from qpsa.gguf.validate import check_tensor_values
     from qpsa.model.inspection import inspect_file
+    from qpsa.sources.catalog import resolve_model
 
     gguf_file = open_gguf(resolve_model(model))
     if check_tensors:
@@ -111,10 +111,10 @@ def ppl(
     as_json: JsonOpt = False,
 ):
     """Perplexity with llama.cpp's protocol: windows of --ctx tokens, BOS first, second half scored."""
-    from qpsa.sources.texts import resolve_text
     from qpsa.eval.perplexity import make_windows, perplexity
     from qpsa.model.kernel import engine
     from qpsa.model.load import load_model
+    from qpsa.sources.texts import resolve_text
 
     _check_positive(ctx=ctx, chunks=chunks, max_tokens=max_tokens)
     eval_text = resolve_text(text, dataset)
@@ -171,10 +171,10 @@ def study(
     import dataclasses
     from pathlib import Path
 
-    from qpsa.sources.texts import resolve_text
+    from qpsa.experiments.study import StudyPlan, run_study, write_study
     from qpsa.model.load import load_model
     from qpsa.report.progress import progress_bar
-    from qpsa.experiments.study import StudyPlan, run_study, write_study
+    from qpsa.sources.texts import resolve_text
 
     if seed < 0:
         raise QpsaError(f"--seed must be zero or more (got {seed})")
@@ -235,6 +235,7 @@ from qpsa.cli.score import score  # noqa: E402
 app.command()(score)
 
 from qpsa.cli.compare import compare  # noqa: E402
+
 app.command()(compare)
 
 from qpsa.cli.noise import noise  # noqa: E402

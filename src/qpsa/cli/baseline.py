@@ -110,12 +110,12 @@ def baseline(
         raise QpsaError("give either --text or --dataset, not both")
     path = out_path(out, model, resolve_model(model))
 
-    from qpsa.sources.texts import resolve_text
     from qpsa.model.load import load_model
     from qpsa.report.progress import progress_bar
     from qpsa.scores.base import ScoreSettings, eval_tokens
     from qpsa.scores.baselines import run_baselines
     from qpsa.scores.results import rank_agreement
+    from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
     loaded = load_model(model)

@@ -43,9 +43,9 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
 ):
     """KL divergence, Δp, same top token and PPL of OTHER against BASE (llama.cpp's --kl-divergence), and greedy answers."""
-    from qpsa.sources.catalog import resolve_model
-    from qpsa.eval.compare import BaseLogProbsFile
+    from qpsa.eval.compare.logprobs import BaseLogProbsFile
     from qpsa.eval.generation import DEFAULT_PROMPTS, read_prompts
+    from qpsa.sources.catalog import resolve_model
 
     start = time.perf_counter()
     # -- checks that need no model
@@ -84,8 +84,8 @@ def compare(
     eval_text = resolve_text(text, dataset)
 
     # -- models, vocabulary, windows
-    from qpsa.eval.compare import (
-        BaseLogProbsWriter,
+    from qpsa.eval.compare.logprobs import BaseLogProbsWriter
+    from qpsa.eval.compare.run import (
         check_base_file,
         check_same_vocabulary,
         compare_windows,

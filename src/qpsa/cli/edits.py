@@ -63,14 +63,21 @@ def loop(
 
 def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last, layers, output,
          text, dataset, eval_text, eval_tokens, out, as_json):
-    from qpsa.sources.catalog import resolve_model
-    from qpsa.sources.texts import resolve_text, text_from_file
+    from qpsa.edits.pruning import (
+        EditReport,
+        HeldOutEvaluator,
+        loop_candidates,
+        parse_layer_list,
+        prune_candidates,
+        repeating,
+        without,
+    )
     from qpsa.gguf.write import check_output_path
-    from qpsa.edits.pruning import (EditReport, HeldOutEvaluator, loop_candidates, parse_layer_list, prune_candidates,
-                              repeating, without)
     from qpsa.report.progress import progress_bar
     from qpsa.scores.base import eval_tokens as make_tokens
     from qpsa.scores.results import ScoreRun
+    from qpsa.sources.catalog import resolve_model
+    from qpsa.sources.texts import resolve_text, text_from_file
 
     start = time.perf_counter()
     default_ks = ks is None  # defaults: 1, 2, 4, 8 (prune) / 1, 2, 4 (loop), those the model can take

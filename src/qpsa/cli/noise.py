@@ -38,8 +38,9 @@ def noise(
 ):
     """Input sensitivity: Gaussian noise on the input embeddings (KL, top-1 flips, PPL ratio, and the
     hidden-state perturbation layer by layer) and random typos in prompts."""
+    from qpsa.eval.noise.settings import DEFAULT_PROMPTS, DEFAULT_SIGMAS, NoiseSettings
+    from qpsa.eval.noise.typos import read_prompts
     from qpsa.sources.catalog import BUNDLED, resolve_model
-    from qpsa.eval.noise import DEFAULT_PROMPTS, DEFAULT_SIGMAS, NoiseSettings, read_prompts
 
     settings = NoiseSettings(sigmas=tuple(sigma or DEFAULT_SIGMAS), typo_rate=typo_rate, samples=samples, seed=seed,
                              ctx=ctx, chunks=chunks, new_tokens=new_tokens)
@@ -51,11 +52,11 @@ def noise(
         raise QpsaError(f"--out {out_dir}: exists and is not a folder")
     prompt_list = read_prompts(prompts) if prompts else list(DEFAULT_PROMPTS)
 
-    from qpsa.sources.texts import resolve_text
+    from qpsa.eval.noise.run import run_noise
     from qpsa.eval.perplexity import make_windows
     from qpsa.model.load import load_model
-    from qpsa.eval.noise import run_noise
     from qpsa.report.progress import progress_bar
+    from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
     loaded = load_model(model)

@@ -38,11 +38,11 @@ def requantize(
     as_json: JsonOpt = False,
 ):
     """Re-encode a model's weights into another quantization type, as llama-quantize would (see docs/quantization.md)."""
-    from qpsa.sources.catalog import resolve_model
     from qpsa.gguf.read import open_gguf
     from qpsa.gguf.write import check_output_path
-    from qpsa.report.progress import progress_bar
     from qpsa.quant.requantize import choose_types, summarize, write_requantized
+    from qpsa.report.progress import progress_bar
+    from qpsa.sources.catalog import resolve_model
 
     if output is None and not dry_run:
         raise QpsaError("give --output FILE.gguf (or --dry-run to only show the plan)")
@@ -144,11 +144,10 @@ class _Session:
     pass over them (made on first use), and the output folder."""
 
     def __init__(self, model, text, dataset, ctx, chunks, out, quiet, held_out: bool = False):
-        from qpsa.sources.texts import resolve_text
+        from qpsa.cli.app import _check_positive
         from qpsa.eval.perplexity import make_windows
         from qpsa.model.load import load_model
-
-        from qpsa.cli.app import _check_positive
+        from qpsa.sources.texts import resolve_text
 
         _check_positive(ctx=ctx, chunks=chunks)
         self.out = Path(out)

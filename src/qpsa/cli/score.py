@@ -45,8 +45,8 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
 ):
     """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
+    from qpsa.scores.qpsa.settings import QpsaSettings
     from qpsa.sources.catalog import resolve_model
-    from qpsa.scores.qpsa import QpsaSettings
 
     settings = QpsaSettings(samples_per_matrix=samples_per_matrix, seed=seed, max_tokens=max_tokens, unit=unit,
                             estimator=estimator, probes=probes, precision=precision, batch_size=batch_size,
@@ -66,10 +66,10 @@ def score(
                             "or delete it to start over")
         ckpt = Checkpoint.load(ckpt_path)
 
-    from qpsa.sources.texts import resolve_text
     from qpsa.gguf.read import open_gguf
     from qpsa.model.config import config_from_metadata
-    from qpsa.scores.qpsa import parse_layers
+    from qpsa.scores.qpsa.settings import parse_layers
+    from qpsa.sources.texts import resolve_text
 
     gguf_file = open_gguf(model_path)
     meta = gguf_file.metadata
@@ -93,7 +93,7 @@ def score(
     from qpsa.model.kernel import engine
     from qpsa.model.load import load_model
     from qpsa.scores.base import eval_tokens
-    from qpsa.scores.qpsa import score_qpsa
+    from qpsa.scores.qpsa.run import score_qpsa
     from qpsa.scores.results import ScoreRun
 
     start = time.perf_counter()

@@ -20,12 +20,19 @@ from pathlib import Path
 
 import torch
 
-from qpsa.sources.texts import EvalText
+from qpsa.edits.pruning import (
+    EditReport,
+    HeldOutEvaluator,
+    loop_candidates,
+    prune_candidates,
+    repeating,
+    without,
+)
 from qpsa.model.load import LoadedModel
-from qpsa.edits.pruning import EditReport, HeldOutEvaluator, loop_candidates, prune_candidates, repeating, without
 from qpsa.scores.base import LayerScores, ScoreSettings, eval_tokens
-from qpsa.scores.qpsa import DEFAULT_PROBES
+from qpsa.scores.qpsa.settings import DEFAULT_PROBES
 from qpsa.scores.results import ScoreRun, rank_agreement
+from qpsa.sources.texts import EvalText
 
 BASELINE_METHODS = ("layer_ablation", "weight_norm", "random", "block_influence", "angular_distance", "fisher")
 
@@ -86,7 +93,8 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, bar=None, lo
     from scipy.stats import spearmanr
 
     from qpsa.scores.baselines import run_baselines
-    from qpsa.scores.qpsa import QpsaSettings, score_qpsa
+    from qpsa.scores.qpsa.run import score_qpsa
+    from qpsa.scores.qpsa.settings import QpsaSettings
 
     start = time.perf_counter()
     n_layer = loaded.config.n_layer

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from qpsa.sources.catalog import resolve_model
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile, open_gguf
 from qpsa.gguf.validate import check_tensor_values
@@ -22,6 +21,7 @@ from qpsa.model.config import ModelConfig, config_from_metadata
 from qpsa.model.memory import keep_freed_memory
 from qpsa.model.tokenizer import Tokenizer, load_tokenizer
 from qpsa.model.transformer import Transformer
+from qpsa.sources.catalog import resolve_model
 
 log = logging.getLogger(__name__)
 

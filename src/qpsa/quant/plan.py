@@ -27,8 +27,20 @@ from pathlib import Path
 from gguf import GGMLQuantizationType
 
 from qpsa.errors import QpsaError
-from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
-from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, qtype_named, requantized_tensors
+from qpsa.quant.requantize import (
+    TensorChoice,
+    choose_types,
+    is_quantizable,
+    qtype_named,
+    requantized_tensors,
+)
+from qpsa.quant.sensitivity import (
+    Option,
+    Reference,
+    VariantStats,
+    choose_mixture,
+    quant_groups,
+)
 
 Q = GGMLQuantizationType
 
@@ -79,8 +91,8 @@ class PlanResult:
 
     def write(self, out: Path, output: str | None, quiet: bool = False) -> list[str]:
         from qpsa.fsutil import write_atomic
-        from qpsa.report.progress import progress_bar
         from qpsa.quant.requantize import write_requantized
+        from qpsa.report.progress import progress_bar
 
         out.mkdir(parents=True, exist_ok=True)
         files = []

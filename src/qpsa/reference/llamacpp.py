@@ -18,7 +18,6 @@ import numpy as np
 
 from qpsa.errors import QpsaError
 
-
 _SILENCE = None  # the ctypes log callback must outlive every call into llama.cpp
 
 

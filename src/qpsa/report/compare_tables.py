@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qpsa.eval.compare import CompareRun, CompareStats
+from qpsa.eval.compare.kld import CompareStats
+from qpsa.eval.compare.run import CompareRun
 
 
 @contextmanager

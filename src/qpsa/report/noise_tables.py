@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qpsa.eval.noise import NoiseReport
+from qpsa.eval.noise.run import NoiseReport
 
 
 def _spec(values, digits: int = 3) -> str:

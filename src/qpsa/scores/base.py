@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from qpsa.sources.texts import EvalText
 from qpsa.errors import QpsaError
 from qpsa.model.load import LoadedModel
 from qpsa.model.transformer import Transformer
+from qpsa.sources.texts import EvalText
 
 
 @dataclass(frozen=True)

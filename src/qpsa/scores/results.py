@@ -42,14 +42,13 @@ SCHEMA = "q-psa/scores/1"
 
 
 def versions() -> dict:
+    from importlib.metadata import version
+
     import gguf  # noqa: F401
     import numpy
     import torch
 
     import qpsa
-
-    from importlib.metadata import version
-
     from qpsa.model.kernel import engine
 
     return {"q-psa": qpsa.__version__, "torch": torch.__version__, "gguf": version("gguf"),
