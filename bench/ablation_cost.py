@@ -38,15 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from qpsa.sources.texts import text_from_file
     from qpsa.model.load import load_model
     from qpsa.scores.base import ScoreSettings, eval_tokens, token_nll
-    from qpsa.scores.baselines import (
-        clear_cache,
-        head_units,
-        layer_ablation,
-        layer_states,
-    )
+    from qpsa.scores.baselines import clear_cache, head_units, layer_ablation, layer_states
+    from qpsa.sources.texts import text_from_file
 
     loaded = load_model(args.model)
     tokens = eval_tokens(loaded, text_from_file(args.text), args.max_tokens)

@@ -41,7 +41,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def bench_model(name: str, text: str, chunks: int, threads: int) -> dict:
-    from qpsa.eval.perplexity import WINDOW_BATCH, make_windows, summarize, window_nlls
+    from qpsa.eval.perplexity import WINDOW_BATCH, make_windows, ppl_from_nll, window_nlls
     from qpsa.model.load import load_model
     from qpsa.model.transformer import forward_flops
 
@@ -62,7 +62,7 @@ def bench_model(name: str, text: str, chunks: int, threads: int) -> dict:
         rates.append(best)
         seconds += dt
         rate = after
-    ppl = summarize(torch.cat(nlls))[0]
+    ppl = ppl_from_nll(torch.cat(nlls))[0]
     per_window = seconds / chunks
     out = {"model": name, "ppl": ppl, "chunks": chunks, "qpsa_s_per_window": per_window,
            "gflop_per_window": flops / 1e9, "roofline_gflops": statistics.median(rates),

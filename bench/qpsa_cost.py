@@ -140,7 +140,6 @@ def main(argv=None) -> int:
 
     from scipy.stats import spearmanr
 
-    from qpsa.sources.texts import text_from_file
     from qpsa.model.load import load_model
     from qpsa.model.transformer import Transformer
     from qpsa.scores.base import eval_tokens
@@ -148,6 +147,7 @@ def main(argv=None) -> int:
     from qpsa.scores.qpsa.run import deterministic
     from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings
     from qpsa.scores.qpsa.summary import layer_summary, matrix_summary, sample_values
+    from qpsa.sources.texts import text_from_file
 
     def log(line):
         print(line, file=sys.stderr, flush=True)

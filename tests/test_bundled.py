@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import bundled_path
+
 from qpsa.eval.perplexity import make_windows, perplexity
 from qpsa.model.load import load_model
 
@@ -93,7 +93,7 @@ def test_pruned_gemma3_runs_in_llamacpp_with_the_same_perplexity(gemma3, wikitex
     A model damaged far more (layers 0 and 7 removed: PPL 169) differs by 3% from llama.cpp, whose
     8-bit activation quantization weighs more in a broken network; one or two unimportant layers
     removed stay within 0.2%."""
-    from qpsa.gguf.write import write_layers
+    from qpsa.edits.export import write_layers
     from qpsa.edits.pruning import without
     from qpsa.reference.llamacpp import LlamaCpp
 

@@ -9,25 +9,54 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Replace `path` with `data` so that a reader sees either the old file or the new one, whole."""
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
+def user_mode() -> int:
+    """The mode a new file gets from the user's umask (0o666 less the umask), as open() would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_beside(path: Path) -> Path:
+    """A new empty temporary file in `path`'s folder, with the user's umask mode (mkstemp's is 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    os.fchmod(fd, user_mode())
+    os.close(fd)
+    return Path(tmp)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it over `path`, and fsync the folder so the rename survives a crash."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path to write `path`'s new contents to; on success it replaces `path`
+    (a reader sees the old file or the new one, whole), on any error it is removed."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        yield tmp
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace `path` with `data` so that a reader sees either the old file or the new one, whole."""
+    with atomic_output(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def cache_root() -> Path:

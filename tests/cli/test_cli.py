@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
+from helpers.cli_run import assert_user_error, run
 from helpers.malformed import malformed_cases
-from helpers.cli_run import run, assert_user_error
 from helpers.tiny import PROSE, write_tiny_gguf
 
 

@@ -7,15 +7,16 @@ import math
 
 import pytest
 import torch
+from helpers.cli_run import run as cli
+from helpers.tiny import write_tiny_gguf
 
+from qpsa.edits.pruning import loop_candidates, prune_candidates, repeating, without
+from qpsa.errors import QpsaError
+from qpsa.model.layers import parse_layers
 from qpsa.model.load import load_model
-from qpsa.edits.pruning import loop_candidates, parse_layer_list, prune_candidates, repeating, without
 from qpsa.scores.base import LayerScores, eval_tokens
 from qpsa.scores.results import ScoreRun
 from qpsa.sources.texts import text_from_file
-from qpsa.errors import QpsaError
-from helpers.cli_run import run as cli
-from helpers.tiny import write_tiny_gguf
 
 PROSE = ("Layers that do nothing can be removed; layers that matter cannot. The model reads this text "
          "and predicts each next token from the ones before it, 7 times over. ") * 40
@@ -57,8 +58,8 @@ def test_candidates_follow_ranking_with_documented_ties():
                                            ("", "empty"), ("3-1", "empty range")])
 def test_layer_list_errors(text, message):
     with pytest.raises(QpsaError, match=message):
-        parse_layer_list(text, 5)
-    assert parse_layer_list("0-2,4", 5) == [0, 1, 2, 4]
+        parse_layers(text, 5)
+    assert parse_layers("0-2,4", 5) == [0, 1, 2, 4]
 
 
 def test_pruning_identity_layer_changes_nothing(capsys, setup):

@@ -10,21 +10,22 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from helpers.cli_run import run, assert_user_error
+from helpers.cli_run import assert_user_error, run
 from helpers.tiny import PROSE, write_tiny_gguf
 
-from qpsa.eval.compare.kld import compare_stats, kld_stats, percentile, token_stats
-from qpsa.eval.compare.logprobs import CLIP_NATS, BaseLogProbsFile, BaseLogProbsWriter, decode_log_probs, encode_log_probs, row_width
-from qpsa.eval.compare.run import compare_windows
 from qpsa.errors import QpsaError
-from qpsa.eval.perplexity import make_windows
-from qpsa.eval.generation import (
-    chat_format,
-    first_divergence,
-    prompt_ids,
-    read_prompts,
-    side_by_side,
+from qpsa.eval.compare.kld import compare_stats, kld_stats, percentile, token_stats
+from qpsa.eval.compare.logprobs import (
+    CLIP_NATS,
+    BaseLogProbsFile,
+    BaseLogProbsWriter,
+    decode_log_probs,
+    encode_log_probs,
+    row_width,
 )
+from qpsa.eval.compare.run import compare_windows
+from qpsa.eval.generation import chat_format, first_divergence, prompt_ids, read_prompts, side_by_side
+from qpsa.eval.perplexity import make_windows
 from qpsa.model.load import load_model
 
 CHATML = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
@@ -349,8 +350,8 @@ def test_kld_and_same_top_match_llama_cpp_on_smollm2(capsys, tmp_path, wikitext,
     from conftest import WIKITEXT, bundled_path
 
     from qpsa.gguf.read import open_gguf
-    from qpsa.reference.llamacpp import LlamaCpp
     from qpsa.quant.requantize import choose_types, write_requantized
+    from qpsa.reference.llamacpp import LlamaCpp
 
     base_path = bundled_path("smollm2-135m")
     other_path = tmp_path / "smollm2-q4_0.gguf"

@@ -7,14 +7,15 @@ import math
 import random
 
 import pytest
-
-from qpsa.eval.perplexity import make_windows
-from qpsa.model.load import load_model
-from qpsa.eval.noise.embedding import embedding_noise
-from qpsa.eval.noise.settings import DEFAULT_PROMPTS, NoiseSettings
-from qpsa.eval.noise.typos import QWERTY_NEIGHBOURS, add_typos, typo_sensitivity
 from helpers.cli_run import run
 from helpers.tiny import PROSE, write_tiny_gguf
+
+from qpsa.eval.generation import QUESTION_PROMPTS
+from qpsa.eval.noise.embedding import embedding_noise
+from qpsa.eval.noise.settings import NoiseSettings
+from qpsa.eval.noise.typos import QWERTY_NEIGHBOURS, add_typos, typo_sensitivity
+from qpsa.eval.perplexity import make_windows
+from qpsa.model.load import load_model
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_gemma_embedding_scale_is_inside_the_rms(tmp_path):
 def test_typos_rate_one_edits_every_letter():
     for k in range(20):
         rng = random.Random(k)
-        for prompt in DEFAULT_PROMPTS:
+        for prompt in QUESTION_PROMPTS:
             text, edits = add_typos(prompt, 1.0, rng)
             assert text != prompt and edits > 0
     text, edits = add_typos("12 + 34 = ?!", 1.0, random.Random(0))
@@ -141,7 +142,7 @@ def test_qwerty_neighbours():
 
 
 def test_typos_change_every_prompt_at_rate_one(loaded):
-    r = typo_sensitivity(loaded.model, loaded.tokenizer, DEFAULT_PROMPTS[:3], 1.0, samples=2, seed=0, new_tokens=4)
+    r = typo_sensitivity(loaded.model, loaded.tokenizer, QUESTION_PROMPTS[:3], 1.0, samples=2, seed=0, new_tokens=4)
     assert r.kl.n == 6 and r.unchanged_draws == 0
     for p in r.prompts:
         assert len(p.draws) == 2
@@ -267,7 +268,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tmp_path, arch):
     """Right padding is invisible to causal attention (and to gemma3's sliding window)."""
     import torch
 
-    from qpsa.eval.noise.typos import greedy
+    from qpsa.eval.generation import greedy
 
     m = load_model(str(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, n_layer=2)))
     prompts = [m.tokenizer.encode(p, bos=m.tokenizer.add_bos) for p in ("hello world and the", "hi", "the world is")]
@@ -281,13 +282,13 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tmp_path, arch):
 
 
 def test_progress_counts_every_pass(loaded):
-    from qpsa.sources.texts import EvalText
     from qpsa.eval.noise.run import run_noise
+    from qpsa.sources.texts import EvalText
 
     settings = NoiseSettings(sigmas=(0.01, 0.1), samples=2, ctx=64, chunks=2, new_tokens=3)
     prompts = [f"prompt number {i} about the world" for i in range(13)]  # 13 × 3 rows: two batches
     calls = []
-    report = run_noise(loaded, EvalText("prose", PROSE, "test"), prompts, settings, progress=calls.append)
+    report = run_noise(loaded, EvalText("prose", PROSE, "test"), prompts, settings, advance=calls.append)
     assert len(calls) == settings.passes(2, len(prompts)) == 2 * (1 + 2 * 2) + 2 * 3
     assert [p.prompt for p in report.typos.prompts] == prompts
     assert report.text["windows"].startswith("2 windows of 64 tokens")

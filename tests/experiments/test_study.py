@@ -2,9 +2,10 @@
 
 import json
 
+from helpers.tiny import write_tiny_gguf
+
 from qpsa.cli.app import main
 from qpsa.scores.results import ScoreRun
-from helpers.tiny import write_tiny_gguf
 
 PROSE = "The model reads this text and predicts each next token from the ones before it, 12 times. " * 120
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
+from helpers import malformed
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import malformed
 from qpsa.errors import BadGGUFError, QpsaError
 from qpsa.gguf.validate import SCALE_FIELDS, GGUFLayout, check_tensor_values, validate_gguf
 

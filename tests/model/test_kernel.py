@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qpsa.model import kernel
-from qpsa.model.kernel import (
-    kernel_act_mul_,
-    kernel_attention,
-    kernel_logsumexp_merge_,
-    kernel_rms_norm,
-    kernels,
-)
+from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm, kernels
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 

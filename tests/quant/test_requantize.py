@@ -12,15 +12,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
+from helpers.cli_run import run as cli
+from helpers.tiny import write_tiny_gguf
 
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import make_windows
 from qpsa.gguf.read import open_gguf
 from qpsa.model.load import load_model
-from qpsa.quant.sensitivity import Option, Reference, choose_mixture, group_variant, quant_groups
 from qpsa.quant.requantize import choose_types, parse_tensor_type, requantize_model, write_requantized
-from helpers.cli_run import run as cli
-from helpers.tiny import write_tiny_gguf
+from qpsa.quant.sensitivity import Option, Reference, choose_mixture, group_variant, quant_groups
 
 PROSE = ("Quantization moves every weight to the nearest point of a grid; some layers mind more than others. "
          "The model reads this text and predicts each next token from the ones before it, 9 times over. ") * 60
@@ -236,10 +236,9 @@ def test_smollm2_requantized_like_llama_quantize(tmp_path, wikitext, llama_cpp, 
     """q-psa's file and llama.cpp's own llama-quantize of SmolLM2: the same type for every tensor, and
     perplexities in llama.cpp within 1% (4 windows of 512 tokens of WikiText-2)."""
     from conftest import bundled_path
-    import gguf
 
-    from qpsa.reference.llamacpp import LlamaCpp, llama_quantize
     from qpsa.quant.requantize import FILE_TYPES
+    from qpsa.reference.llamacpp import LlamaCpp, llama_quantize
 
     source = bundled_path("smollm2-135m")
     ours = write_requantized(open_gguf(source), choose_types(open_gguf(source), qtype), tmp_path / "ours.gguf")

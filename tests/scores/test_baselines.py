@@ -17,20 +17,15 @@ from gguf import GGMLQuantizationType
 from helpers.tiny import write_tiny_gguf
 
 from qpsa.cli.app import main
-from qpsa.sources.texts import text_from_file
 from qpsa.errors import QpsaError
 from qpsa.model.load import load_model
 from qpsa.scores.base import ScoreSettings, eval_tokens, ppl_of
-from qpsa.scores.baselines import (
-    BASELINES,
-    FISHER_GROUPS,
-    MATRICES,
-    clear_cache,
-    layer_states,
-    run_baselines,
-    work_units,
-)
+from qpsa.scores.baselines import FISHER_GROUPS, MATRICES, clear_cache, layer_states, run_baselines, work_units
+from qpsa.scores.registry import find_method, method_names
 from qpsa.scores.results import ScoreRun, rank_agreement
+from qpsa.sources.texts import text_from_file
+
+BASELINES = {name: find_method(name).compute() for name in method_names("baseline")}
 
 N_LAYER, IDENTITY, N_TOKENS = 4, 2, 160
 WORDS = ["the", "world", "and", "hello", "in", "of", "a", "to", "was", "he", "it", "with", "as", "his", "on",
@@ -272,11 +267,15 @@ def test_progress_units_add_up(tiny):
     loaded, tokens = tiny["loaded"], tiny["tokens"]
     clear_cache()
     seen = []
-    layer_states(loaded, tokens, progress=seen.append)
+
+    def advance(status="", steps=1):
+        seen.append(steps)
+
+    layer_states(loaded, tokens, advance)
     assert sum(seen) == N_LAYER
     for name, fn in BASELINES.items():
-        seen = []
-        fn(loaded, tokens, ScoreSettings(), progress=seen.append)
+        seen.clear()
+        fn(loaded, tokens, ScoreSettings(), advance)
         assert sum(seen) == work_units(name, loaded.config, tokens.tokens.shape[1]), name
 
 

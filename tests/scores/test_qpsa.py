@@ -19,18 +19,19 @@ from gguf import GGMLQuantizationType as Q
 from helpers.cli_run import run as _run
 from helpers.tiny import PROSE, write_tiny_gguf
 
-from qpsa.sources.texts import EvalText
 from qpsa.errors import QpsaError
 from qpsa.gguf.dequant import dequantize
 from qpsa.gguf.read import GGUFTensor
+from qpsa.model.layers import parse_layers
 from qpsa.model.load import load_model
 from qpsa.model.transformer import Transformer
 from qpsa.scores.base import eval_tokens, token_nll
 from qpsa.scores.qpsa.evaluate import Evaluator
 from qpsa.scores.qpsa.moves import move_codes, plan_layer, plan_matrix
 from qpsa.scores.qpsa.run import score_qpsa
-from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings, parse_layers
+from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings
 from qpsa.scores.qpsa.summary import evaluate_plan, matrix_summary
+from qpsa.sources.texts import EvalText
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +46,7 @@ def _load(path, settings: QpsaSettings):
 
 def test_parse_layers():
     assert parse_layers("0-5,9", 10) == [0, 1, 2, 3, 4, 5, 9]
-    assert parse_layers("9,0-1", 10) == [0, 1, 9]
+    assert parse_layers("9,0-1", 10) == [9, 0, 1]  # in the order written
     assert parse_layers(None, 3) == [0, 1, 2]
     assert parse_layers(" 2 ", 3) == [2]
     for bad, needle in (("", "empty"), ("1,,2", "empty"), ("0-10", "out of range"), ("1,1", "twice"),

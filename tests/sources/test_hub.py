@@ -14,11 +14,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
 from helpers.hub_server import FakeHub, use_endpoint
+from huggingface_hub import constants
 
-from qpsa.sources import hub
 from qpsa.errors import QpsaError
+from qpsa.sources import hub
 
 REPO = "acme/tiny-GGUF"
 GGUF_NAME = "tiny-Q4_K_M.gguf"

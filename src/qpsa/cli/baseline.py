@@ -14,25 +14,30 @@ before `--methods a b c` (after it, it would be read as one more method name).
 
 from __future__ import annotations
 
-import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    TextOpt,
+    check_text_choice,
+    model_stem,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
+from qpsa.scores.registry import find_method, method_names
 
-# Kept here (not imported from qpsa.scores.baselines, which imports torch) so `--help` is instant;
-# a test checks it equals baselines.BASELINES.
-METHOD_NAMES = ("layer_ablation", "weight_norm", "random", "block_influence", "angular_distance", "fisher")
+# from the registry, which imports no torch, so `--help` stays instant
+METHOD_NAMES = tuple(method_names("baseline"))
 
 # context_settings for app.command(): lets `--methods a b c` leave b and c as extra arguments
 BASELINE_CONTEXT = {"allow_extra_args": True}
-
-ModelArg = Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 
 
 def split_methods(methods: list[str] | None, extra: list[str]) -> list[str]:
@@ -49,35 +54,10 @@ def split_methods(methods: list[str] | None, extra: list[str]) -> list[str]:
     for value in [*methods, *extra]:
         names += [x for x in value.replace(",", " ").split() if x]
     for name in names:
-        if name not in METHOD_NAMES:
-            raise QpsaError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+        find_method(name, "baseline")
     if not names:
         raise QpsaError(f"--methods is empty; known: {', '.join(METHOD_NAMES)}")
     return list(dict.fromkeys(names))
-
-
-def out_path(out: str | None, model: str, model_path: Path) -> Path:
-    """Where the results go; QpsaError for a folder, the model file itself, a .csv name, or a
-    missing parent folder (all checked before any work)."""
-    from qpsa.sources.catalog import BUNDLED
-
-    if out is None:
-        stem = model if model in BUNDLED else Path(model).stem
-        path = Path(f"baseline-{stem}.json")
-    else:
-        path = Path(out).expanduser()
-    if path.is_dir():
-        raise QpsaError(f"--out {path}: is a directory; give a file name such as {path / 'baseline.json'}")
-    if path.suffix.lower() == ".csv":
-        raise QpsaError(f"--out {path}: give the JSON file's name; the CSV is written beside it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise QpsaError(f"--out {path}: the folder {parent} does not exist")
-    model_file = model_path.resolve()
-    for p in (path, path.with_suffix(".csv")):
-        if p.resolve() == model_file:
-            raise QpsaError(f"--out {path}: would overwrite the model file {model_path}")
-    return path
 
 
 def baseline(
@@ -91,8 +71,8 @@ def baseline(
     max_tokens: Annotated[int, typer.Option(help="evaluate on the text's first N tokens, as one window")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the random baseline")] = 42,
     n: Annotated[int, typer.Option("--n", help="angular distance compares the states n layers apart")] = 1,
-    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")] = None,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV is written beside it); "
                                                     "default baseline-MODEL.json here")] = None,
     as_json: JsonOpt = False,
@@ -106,12 +86,11 @@ def baseline(
         raise QpsaError(f"--max-tokens must be at least 2 (got {max_tokens})")
     if n < 1:
         raise QpsaError(f"--n must be at least 1 (got {n})")
-    if text and dataset:
-        raise QpsaError("give either --text or --dataset, not both")
-    path = out_path(out, model, resolve_model(model))
+    check_text_choice(text, dataset)
+    path = results_path(out, f"baseline-{model_stem(model)}.json", resolve_model(model))
 
     from qpsa.model.load import load_model
-    from qpsa.report.progress import progress_bar
+    from qpsa.report.progress import ConsoleProgress
     from qpsa.scores.base import ScoreSettings, eval_tokens
     from qpsa.scores.baselines import run_baselines
     from qpsa.scores.results import rank_agreement
@@ -132,16 +111,13 @@ def baseline(
         console = Console()
         run_header(console, loaded, eval_text, f"first {tokens.tokens.shape[1]} tokens, {tokens.n_scored} scored")
 
-    def bar(label, total):
-        return progress_bar(label, total, quiet=as_json)
-
-    run = run_baselines(loaded, tokens, names, settings, bar=bar)
+    run = run_baselines(loaded, tokens, names, settings, ConsoleProgress(quiet=as_json))
     run.save(path)
     with warnings.catch_warnings():  # constant scores give NaN correlations, reported as such
         warnings.simplefilter("ignore")
         rows = rank_agreement(run.methods) if len(run.methods) > 1 else []
     if as_json:
-        sys.stdout.write(json.dumps({**run.to_dict(), "agreement": rows, "out": str(path)}, indent=2) + "\n")
+        print_json({**run.to_dict(), "agreement": rows, "out": str(path)})
         return
     from qpsa.report.scores_tables import baseline_report
 
@@ -175,7 +151,7 @@ def agreement(
         warnings.simplefilter("ignore")
         rows = rank_agreement(methods)
     if as_json:
-        sys.stdout.write(json.dumps({"files": files, "methods": list(methods), "agreement": rows}, indent=2) + "\n")
+        print_json({"files": files, "methods": list(methods), "agreement": rows})
         return
     from rich.console import Console
 

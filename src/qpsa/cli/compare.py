@@ -7,14 +7,13 @@ before any model is loaded. See docs/compare.md.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from qpsa.cli.options import DatasetOpt, JsonOpt, TextOpt, print_json
 from qpsa.errors import QpsaError
 
 
@@ -25,8 +24,8 @@ def compare(
                                                                 "GGML type, e.g. Q4_0 (instead of OTHER)")] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="with --type: REGEX=TYPE for the "
                                                              "tensors whose names match (repeatable)")] = None,
-    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")] = None,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
     ctx: Annotated[Optional[int], typer.Option(help="window size in tokens (default 512, or the base file's)")] = None,
     chunks: Annotated[Optional[int], typer.Option(help="number of windows (default: all whole windows, or the "
                                                        "base file's)")] = None,
@@ -40,11 +39,11 @@ def compare(
     base_logits: Annotated[Optional[str], typer.Option("--base-logits", help="read BASE's log-probs from this file "
                                                        "(written by --save-base, or by llama.cpp's "
                                                        "--kl-divergence-base) instead of running BASE")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+    as_json: JsonOpt = False,
 ):
     """KL divergence, Δp, same top token and PPL of OTHER against BASE (llama.cpp's --kl-divergence), and greedy answers."""
     from qpsa.eval.compare.logprobs import BaseLogProbsFile
-    from qpsa.eval.generation import DEFAULT_PROMPTS, read_prompts
+    from qpsa.eval.generation import TASK_PROMPTS, read_prompts
     from qpsa.sources.catalog import resolve_model
 
     start = time.perf_counter()
@@ -68,7 +67,7 @@ def compare(
         overrides = [parse_tensor_type(spec) for spec in tensor_type or []]
     base_path = resolve_model(base)
     other_path = resolve_model(other) if other is not None else None
-    prompt_list = read_prompts(prompts) if prompts else list(DEFAULT_PROMPTS)
+    prompt_list = read_prompts(prompts) if prompts else list(TASK_PROMPTS)
     if save_base:
         from qpsa.gguf.write import check_output_path
 
@@ -85,12 +84,7 @@ def compare(
 
     # -- models, vocabulary, windows
     from qpsa.eval.compare.logprobs import BaseLogProbsWriter
-    from qpsa.eval.compare.run import (
-        check_base_file,
-        check_same_vocabulary,
-        compare_windows,
-        tokenizer_fingerprint,
-    )
+    from qpsa.eval.compare.run import check_base_file, check_same_vocabulary, compare_windows, tokenizer_fingerprint
     from qpsa.eval.perplexity import make_windows
     from qpsa.model.load import load_model
 
@@ -116,8 +110,7 @@ def compare(
         check_base_file(base_file, windows, loaded_base.config.vocab_size, loaded_base.file.sha256,
                         eval_text.describe(), fingerprint, tok.bos_id if tok.add_bos else None)
 
-    base_info = {"name": base, "path": str(loaded_base.path), "sha256": loaded_base.file.sha256,
-                 "architecture": loaded_base.config.arch}
+    base_info = loaded_base.describe()
     other_info = {"name": other_name, "path": str(loaded_other.path),
                   "sha256": loaded_other.file.sha256 if qtype is None else None,
                   "requantized_from": loaded_base.file.sha256 if qtype is not None else None,
@@ -137,18 +130,11 @@ def compare(
 
     # -- the windows: base (or its file) and other, interleaved
     writer = BaseLogProbsWriter(save_base, windows, loaded_base.config.vocab_size) if save_base else None
-    from qpsa.report.compare_tables import progress_bars
+    from qpsa.report.progress import ConsoleProgress
 
-    tasks = ([] if base_file else [("base", n_windows)]) + [("other", n_windows)]
     try:
-        with progress_bars(tasks, quiet=as_json) as bars:
-            base_bar, other_bar = (None, bars[0]) if base_file else bars
-            run = compare_windows(
-                loaded_other.model, windows, base_file or loaded_base.model, writer,
-                on_base=lambda done, total: base_bar(""),
-                on_other=lambda done, total, line: other_bar(
-                    f"KLD {line['kld']:.4f}  same top {100 * line['same_top']:.1f}%"),
-            )
+        run = compare_windows(loaded_other.model, windows, base_file or loaded_base.model, writer,
+                              progress=ConsoleProgress(quiet=as_json))
         if writer is not None:
             writer.finish({"format": "q-psa base log-probs 1", "model": base_info, "text": eval_text.describe(),
                            "ctx": run.ctx, "chunks": run.n_windows, "vocab_size": loaded_base.config.vocab_size,
@@ -169,7 +155,7 @@ def compare(
         t = time.perf_counter()
         with progress_bar("generations", len(prompt_list), quiet=as_json) as advance:
             fmt, answers = side_by_side(loaded_base.model, loaded_other.model, tok, base_md, prompt_list,
-                                        max_new_tokens, raw=raw, progress=lambda: advance(""))
+                                        max_new_tokens, raw=raw, advance=advance)
         gen_seconds = time.perf_counter() - t
 
     timings = {"load_base_s": loaded_base.load_seconds, "load_other_s": loaded_other.load_seconds,
@@ -184,7 +170,7 @@ def compare(
                "generations": {"format": fmt, "max_new_tokens": max_new_tokens,
                                "prompts": [a.to_dict() for a in answers]},
                "timings": timings}
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        print_json(out)
         return
     from qpsa.report.compare_tables import compare_report, generation_report
 

@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from qpsa.cli.options import JsonOpt, ModelArg, print_json
 from qpsa.errors import QpsaError
 
-ModelArg = Annotated[str, typer.Argument(help="a bundled model name or a path to a .gguf file")]
 RankingsOpt = Annotated[Optional[str], typer.Option(help="results JSON from `q-psa baseline` or `q-psa score`")]
 MethodsOpt = Annotated[Optional[list[str]], typer.Option("--methods", help="methods of the rankings file to use (default: all)")]
 TextOpt = Annotated[Optional[str], typer.Option(help="the text the rankings were computed on (default: the default text)")]
@@ -19,7 +19,6 @@ DatasetOpt = Annotated[Optional[str], typer.Option(help="the named dataset the r
 EvalTextOpt = Annotated[Optional[str], typer.Option(help="evaluate on the first span of this file instead of the held-out span")]
 EvalTokensOpt = Annotated[Optional[int], typer.Option(help="tokens to evaluate on (default: as many as the rankings used)")]
 OutOpt = Annotated[Optional[str], typer.Option(help="write the table as JSON here (a CSV beside it)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 
 
 def prune(
@@ -63,16 +62,9 @@ def loop(
 
 def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last, layers, output,
          text, dataset, eval_text, eval_tokens, out, as_json):
-    from qpsa.edits.pruning import (
-        EditReport,
-        HeldOutEvaluator,
-        loop_candidates,
-        parse_layer_list,
-        prune_candidates,
-        repeating,
-        without,
-    )
+    from qpsa.edits.pruning import EditReport, HeldOutEvaluator, loop_candidates, prune_candidates, repeating, without
     from qpsa.gguf.write import check_output_path
+    from qpsa.model.layers import parse_layers
     from qpsa.report.progress import progress_bar
     from qpsa.scores.base import eval_tokens as make_tokens
     from qpsa.scores.results import ScoreRun
@@ -115,7 +107,7 @@ def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last
     if default_ks:
         room = n_layer - protect_first - protect_last - (1 if kind == "prune" else 0)
         ks = [k for k in ks if k <= room] or [1]
-    explicit = parse_layer_list(layers, n_layer) if layers else None
+    explicit = parse_layers(layers, n_layer) if layers else None
     if explicit is not None and len(explicit) >= n_layer:
         raise QpsaError(f"--layers: removing all {n_layer} layers leaves nothing")
 
@@ -159,7 +151,7 @@ def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last
             report.edits.append(edit)
             advance(f"{method} K={k}: ×{edit.ratio:.3g}")
     if output is not None:
-        from qpsa.gguf.write import write_layers
+        from qpsa.edits.export import write_layers
 
         chosen = plan[0][2]
         write_layers(loaded.file, without(n_layer, chosen), output)
@@ -168,7 +160,7 @@ def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last
     if out_path is not None:
         _save(report, out_path)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print_json(report.to_dict())
         return
     from rich.console import Console
 

@@ -8,15 +8,13 @@ function so that `q-psa --help` stays instant.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, check_text_choice, model_stem, print_json, results_folder
 from qpsa.errors import QpsaError
-
-ModelArg = Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")]
 
 
 def noise(
@@ -27,30 +25,27 @@ def noise(
     prompts: Annotated[Optional[str], typer.Option(
         help="a UTF-8 file of prompts, one per line (default: a few short factual questions)")] = None,
     text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file for the embedding noise")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")] = None,
+    dataset: DatasetOpt = None,
     ctx: Annotated[int, typer.Option(help="window size in tokens")] = 512,
     chunks: Annotated[int, typer.Option(help="number of windows")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the noise and typo draws")] = 42,
     samples: Annotated[int, typer.Option(help="noise draws per window and σ; typo draws per prompt")] = 1,
     new_tokens: Annotated[int, typer.Option(help="length of the greedy continuations compared")] = 12,
     out: Annotated[Optional[str], typer.Option(help="folder for noise.json and noise.png (default noise-MODEL)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+    as_json: JsonOpt = False,
 ):
     """Input sensitivity: Gaussian noise on the input embeddings (KL, top-1 flips, PPL ratio, and the
     hidden-state perturbation layer by layer) and random typos in prompts."""
-    from qpsa.eval.noise.settings import DEFAULT_PROMPTS, DEFAULT_SIGMAS, NoiseSettings
-    from qpsa.eval.noise.typos import read_prompts
-    from qpsa.sources.catalog import BUNDLED, resolve_model
+    from qpsa.eval.generation import QUESTION_PROMPTS, read_prompts
+    from qpsa.eval.noise.settings import DEFAULT_SIGMAS, NoiseSettings
+    from qpsa.sources.catalog import resolve_model
 
     settings = NoiseSettings(sigmas=tuple(sigma or DEFAULT_SIGMAS), typo_rate=typo_rate, samples=samples, seed=seed,
                              ctx=ctx, chunks=chunks, new_tokens=new_tokens)
-    if text and dataset:
-        raise QpsaError("give either --text or --dataset, not both")
-    model_path = resolve_model(model)
-    out_dir = Path(out).expanduser() if out else Path(f"noise-{model if model in BUNDLED else model_path.stem}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QpsaError(f"--out {out_dir}: exists and is not a folder")
-    prompt_list = read_prompts(prompts) if prompts else list(DEFAULT_PROMPTS)
+    check_text_choice(text, dataset)
+    resolve_model(model)
+    out_dir = results_folder(out, f"noise-{model_stem(model)}")
+    prompt_list = read_prompts(prompts) if prompts else list(QUESTION_PROMPTS)
 
     from qpsa.eval.noise.run import run_noise
     from qpsa.eval.perplexity import make_windows
@@ -71,10 +66,10 @@ def noise(
         run_header(console, loaded, eval_text, f"{len(prompt_list)} prompts ({prompts or 'built-in'})")
     with progress_bar("noise", settings.passes(windows.tokens.shape[0], len(prompt_list)), quiet=as_json) as advance:
         report = run_noise(loaded, eval_text, prompt_list, settings, prompts_source=prompts or "built-in",
-                           progress=advance, windows=windows)
+                           advance=advance, windows=windows)
     report.files = _write(report, out_dir)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        print_json(report.to_dict())
         return
     from qpsa.report.noise_tables import noise_report
 

@@ -7,21 +7,27 @@ where it can be known then (numbers, --layers, the output path, an existing chec
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    TextOpt,
+    check_text_choice,
+    model_stem,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 
 
 def score(
-    model: Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")],
+    model: ModelArg,
     samples_per_matrix: Annotated[int, typer.Option("--samples-per-matrix", help="samples (N) per matrix")] = 100,
     layers: Annotated[Optional[str], typer.Option(help='layers to score, e.g. "0-5,9" (default: all)')] = None,
     seed: Annotated[int, typer.Option(help="seed of the sampling (per layer and matrix)")] = 42,
@@ -37,12 +43,12 @@ def score(
     precision: Annotated[Optional[str], typer.Option(help="float32 or float64 (default: float64 for exact, "
                                                           "float32 for probe)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="perturbations evaluated per batch")] = 8,
-    text: Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2")] = None,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV goes beside it); default "
                                                     "score-<model>.json")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+    as_json: JsonOpt = False,
 ):
     """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
     from qpsa.scores.qpsa.settings import QpsaSettings
@@ -51,11 +57,9 @@ def score(
     settings = QpsaSettings(samples_per_matrix=samples_per_matrix, seed=seed, max_tokens=max_tokens, unit=unit,
                             estimator=estimator, probes=probes, precision=precision, batch_size=batch_size,
                             probe_scope=probe_scope)
-    if text and dataset:
-        raise QpsaError("give either --text or --dataset, not both")
+    check_text_choice(text, dataset)
     model_path = resolve_model(model)
-    out_path = Path(out) if out else Path(f"score-{_stem(model)}.json")
-    check_out_path(out_path, model_path)
+    out_path = results_path(out, f"score-{model_stem(model)}.json", model_path)
     from qpsa.scores.checkpoint import Checkpoint, checkpoint_path
 
     ckpt_path = checkpoint_path(out_path)
@@ -68,7 +72,7 @@ def score(
 
     from qpsa.gguf.read import open_gguf
     from qpsa.model.config import config_from_metadata
-    from qpsa.scores.qpsa.settings import parse_layers
+    from qpsa.model.layers import parse_layers
     from qpsa.sources.texts import resolve_text
 
     gguf_file = open_gguf(model_path)
@@ -76,7 +80,7 @@ def score(
     n_layer = meta.get(f"{gguf_file.arch}.block_count")
     if not isinstance(n_layer, int) or n_layer < 1:
         raise QpsaError(f"{model_path}: no layer count ({gguf_file.arch}.block_count) in the metadata")
-    layer_list = parse_layers(layers, n_layer)
+    layer_list = sorted(parse_layers(layers, n_layer))
     config = config_from_metadata(meta)
     if max_tokens > config.context_length:
         raise QpsaError(f"--max-tokens {max_tokens} exceeds the model's context length {config.context_length}")
@@ -130,7 +134,7 @@ def score(
     from qpsa.report.progress import progress_bar
 
     with progress_bar(f"Q-PSA ({what})", todo, quiet=as_json) as advance:
-        result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, progress=advance, log=_note)
+        result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, advance=advance, log=_note)
     run_info = result.scores.details["run"]
     _note(f"layers computed: {_ranges_or_none(run_info['computed_layers'])}; "
           f"fully resumed from the checkpoint: {_ranges_or_none(run_info['resumed_layers'])} "
@@ -139,8 +143,7 @@ def score(
                       "layers": layer_list}
     score_run = ScoreRun(
         command="score",
-        model={"name": model, "path": str(loaded.path), "sha256": loaded.file.sha256,
-               "architecture": loaded.config.arch, "n_layer": loaded.config.n_layer},
+        model=loaded.describe(),
         text=tokens.describe(), settings=score_settings,
         base={"ppl": result.base_ppl, "nll": result.base_nll},
         methods={"qpsa": result.scores}, seconds=time.perf_counter() - start,
@@ -148,7 +151,7 @@ def score(
     score_run.save(out_path)
     ckpt.delete()
     if as_json:
-        sys.stdout.write(json.dumps(score_run.to_dict(), indent=1, default=str) + "\n")
+        print_json(score_run.to_dict())
         return
     from rich.console import Console
 
@@ -157,11 +160,6 @@ def score(
     qpsa_report(Console(), score_run)
     Console().print(f"results: {out_path} (and {out_path.with_suffix('.csv').name})")
 
-
-def _stem(model: str) -> str:
-    from qpsa.sources.catalog import BUNDLED
-
-    return model if model in BUNDLED else Path(model).stem
 
 
 def _note(line: str) -> None:
@@ -172,26 +170,3 @@ def _ranges_or_none(layers: list[int]) -> str:
     from qpsa.scores.checkpoint import _ranges
 
     return _ranges(layers) or "none"
-
-
-def check_out_path(out: Path, model_path: Path) -> None:
-    """QpsaError unless `out` (and the CSV beside it) can be written and is not the model itself."""
-    if out.suffix.lower() == ".csv":
-        raise QpsaError(f"--out {out}: give the JSON's name; the CSV is written beside it")
-    for target in (out, out.with_suffix(".csv")):
-        try:
-            if target.exists() and target.resolve() == Path(model_path).resolve():
-                raise QpsaError(f"--out {out}: that is the model file; choose another name")
-        except OSError:
-            pass
-    if out.is_dir():
-        raise QpsaError(f"--out {out}: is a directory; give a file name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise QpsaError(f"--out {out}: folder {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
-    except OSError as e:
-        raise QpsaError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)

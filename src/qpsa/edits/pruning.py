@@ -28,6 +28,7 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.load import LoadedModel
 from qpsa.scores.base import EvalTokens, LayerScores, token_nll
+from qpsa.stats import mean_se
 
 
 def prune_candidates(scores: LayerScores, k: int, n_layer: int, protect_first: int = 0, protect_last: int = 0) -> list[int]:
@@ -57,32 +58,6 @@ def repeating(n_layer: int, repeated: list[int], repeat: int = 1) -> list[int]:
     for i in range(n_layer):
         out += [i] * (1 + repeat if i in set(repeated) else 1)
     return out
-
-
-def parse_layer_list(text: str, n_layer: int) -> list[int]:
-    """ "12,13" or "3-5,9" -> [12, 13] / [3, 4, 5, 9]; out of range or duplicates are refused."""
-    layers = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise QpsaError(f"--layers {text!r}: empty entry")
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                span = list(range(int(a), int(b) + 1))
-                if not span:
-                    raise QpsaError(f"--layers {text!r}: empty range {part}")
-            else:
-                span = [int(part)]
-        except ValueError:
-            raise QpsaError(f"--layers {text!r}: {part!r} is not a layer number or range") from None
-        layers += span
-    bad = [i for i in layers if not 0 <= i < n_layer]
-    if bad:
-        raise QpsaError(f"--layers {text!r}: layer {bad[0]} is out of range 0..{n_layer - 1}")
-    if len(set(layers)) != len(layers):
-        raise QpsaError(f"--layers {text!r}: a layer is listed twice")
-    return layers
 
 
 @dataclass
@@ -133,9 +108,7 @@ class HeldOutEvaluator:
         start = time.perf_counter()
         nll = self.nll(layers)
         delta = nll - self.base_nll
-        n = delta.numel()
-        mean = float(delta.mean())
-        se = float(delta.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+        mean, se = mean_se(delta)
         ratio = math.exp(mean) if mean < 700 else math.inf
         return LayerEdit(method, k, changed, math.exp(float(nll.mean())) if ratio < math.inf else math.inf,
                          ratio, ratio * se, mean, se, time.perf_counter() - start)

@@ -19,6 +19,7 @@ these lengths no KV cache is needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,13 +28,25 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.tokenizer import Tokenizer
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
 
-DEFAULT_PROMPTS = (
+# compare's default: short tasks whose answers show a damaged model
+TASK_PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the sea.",
     "What is 12 times 7?",
     "Name three colors of the rainbow.",
     "Explain in one sentence what a prime number is.",
+)
+
+# noise's default: one-fact questions, whose answers a typo can flip
+QUESTION_PROMPTS = (
+    "What is the capital of France?",
+    "Who wrote Romeo and Juliet?",
+    "How many legs does a spider have?",
+    "What is the largest planet in the solar system?",
+    "What language is spoken in Brazil?",
+    "At what temperature does water boil at sea level?",
 )
 
 # format -> (start-of-turn token, end-of-turn token)
@@ -89,25 +102,47 @@ def stop_ids(metadata: dict, tokenizer: Tokenizer, fmt: str) -> set[int]:
     return {int(s) for s in stops if isinstance(s, int)}
 
 
-def greedy(model: Transformer, ids: list[int], max_new: int, stops: set[int]) -> tuple[list[int], torch.Tensor]:
-    """(new tokens, the first step's logits (V,)): greedy continuation of `ids`, see the module docstring."""
-    seq, new, first = list(ids), [], None
-    limit = model.config.context_length or len(ids) + max_new
+def greedy(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new: int, stops: Set[int] = frozenset(),
+    advance: Advance = no_progress,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """(logits (B, V) at the last position of each prompt, the greedily chosen new tokens of each).
+
+    A sequence ends after `max_new` tokens, after a token in `stops` (kept as its last token; with
+    no stops EOS is a token like any other), or when it fills the model's context. The unfinished
+    sequences run as one batch, padded on the right: attention is causal, so a position never sees
+    the padding after it; one prompt alone gives the same numbers. No cache: each step re-runs
+    the whole batch, cheap for short prompts. `advance` is called per step."""
+    seqs = [list(ids) for ids in prompts]
+    new: list[list[int]] = [[] for _ in seqs]
+    limit = model.config.context_length or max(len(x) for x in seqs) + max_new
+    running = list(range(len(seqs)))
+    first = None
     with torch.inference_mode():
-        for _ in range(max_new):
-            if len(seq) >= limit:
+        for step in range(max_new):
+            running = [i for i in running if len(seqs[i]) < limit or first is None]
+            if not running:
                 break
-            tokens = torch.tensor([seq])  # (1, T)
-            h = model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(len(seq)))
-            logits = model.logits(h[:, -1:])[0, 0]  # (V,)
+            lengths = torch.tensor([len(seqs[i]) for i in running])  # (B,)
+            B, T = len(running), int(lengths.max())
+            tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T), right-padded with token 0
+            for row, i in enumerate(running):
+                tokens[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            h = model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(T))  # (B, T, C)
+            logits = model.logits(h[torch.arange(B), lengths - 1][:, None])[:, 0]  # (B, V)
             if first is None:
                 first = logits.clone()
-            tok = int(torch.argmax(logits))
-            new.append(tok)
-            if tok in stops:
-                break
-            seq.append(tok)
-    return new, first
+            still = []
+            for i, t in zip(running, logits.argmax(-1).tolist()):
+                if len(seqs[i]) >= limit:
+                    continue  # a prompt that fills the context: its first logits only
+                new[i].append(t)
+                if t not in stops:
+                    seqs[i].append(t)
+                    still.append(i)
+            running = still
+            advance(f"greedy step {step + 1}/{max_new}, {B} prompts")
+    return first, new
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -137,17 +172,18 @@ class SideBySide:
 
 
 def side_by_side(base: Transformer, other: Transformer, tokenizer: Tokenizer, metadata: dict,
-                 prompts: list[str], max_new: int, raw: bool = False, progress=None) -> tuple[str, list[SideBySide]]:
-    """(format used, one SideBySide per prompt); `progress()` is called after each prompt."""
+                 prompts: list[str], max_new: int, raw: bool = False, advance: Advance = no_progress) -> tuple[str, list[SideBySide]]:
+    """(format used, one SideBySide per prompt); `advance()` is called after each prompt."""
     fmt = "raw" if raw else chat_format(metadata, tokenizer)
     stops = stop_ids(metadata, tokenizer, fmt)
     rows = []
     for prompt in prompts:
         ids = prompt_ids(tokenizer, fmt, prompt)
-        a, la = greedy(base, ids, max_new, stops)
-        b, lb = greedy(other, ids, max_new, stops)
+        la, (a,) = greedy(base, [ids], max_new, stops)
+        lb, (b,) = greedy(other, [ids], max_new, stops)
         kld = 0.0
         if la is not None and lb is not None:
+            la, lb = la[0], lb[0]
             lp, lq = torch.log_softmax(la.double(), -1), torch.log_softmax(lb.double(), -1)
             kld = float((lp.exp() * (lp - lq)).sum())
         d = first_divergence(a, b)
@@ -155,6 +191,5 @@ def side_by_side(base: Transformer, other: Transformer, tokenizer: Tokenizer, me
         common = tokenizer.decode(a[: len(a) if d is None else d])
         rows.append(SideBySide(prompt, len(ids), a, b, tokenizer.decode(a), tokenizer.decode(b), d, common,
                                *pieces, kld))
-        if progress:
-            progress()
+        advance()
     return fmt, rows

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,6 +34,8 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.tokenizer import Tokenizer
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
+from qpsa.stats import llamacpp_mean_se
 
 WINDOW_BATCH = 4  # windows per forward through the layers (see window_nlls)
 
@@ -121,34 +122,30 @@ class PerplexityResult:
         return asdict(self)
 
 
-def summarize(nll: torch.Tensor) -> tuple[float, float, float, float]:
+def ppl_from_nll(nll: torch.Tensor) -> tuple[float, float, float, float]:
     """(ppl, ppl_se, mean_nll, nll_se) from token NLLs, as llama.cpp computes them."""
-    n = nll.numel()
-    mean = float(nll.mean())
-    var = float((nll**2).mean()) - mean * mean
-    se = math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0
+    mean, se = llamacpp_mean_se(nll)
     ppl = math.exp(mean)
     return ppl, se * ppl, mean, se
 
 
 def perplexity(
-    model: Transformer, windows: Windows, progress: Callable[[int, int, float], None] | None = None,
+    model: Transformer, windows: Windows, advance: Advance = no_progress,
     batch_size: int = WINDOW_BATCH,
 ) -> PerplexityResult:
-    """Run every window, `batch_size` windows per forward; `progress(done, total, running_ppl)` is
-    called after each window. The figures do not depend on the batch size beyond float32 rounding."""
+    """Run every window, `batch_size` windows per forward; `advance("PPL …")` is called after each
+    window with the running perplexity. The figures do not depend on the batch size beyond float32 rounding."""
     start = time.perf_counter()
     nlls, running = [], []
     n, T = windows.tokens.shape
     for first in range(0, n, batch_size):
         for nll in window_nlls(model, windows.tokens[first : first + batch_size], windows.score_from):
             nlls.append(nll)
-            ppl, se, _, _ = summarize(torch.cat(nlls))
+            ppl, se, _, _ = ppl_from_nll(torch.cat(nlls))
             running.append({"window": len(nlls), "ppl": ppl, "ppl_se": se})
-            if progress:
-                progress(len(nlls), n, ppl)
+            advance(f"PPL {ppl:.4f}")
     seconds = time.perf_counter() - start
-    ppl, ppl_se, nll, nll_se = summarize(torch.cat(nlls))
+    ppl, ppl_se, nll, nll_se = ppl_from_nll(torch.cat(nlls))
     return PerplexityResult(
         ppl=ppl, ppl_se=ppl_se, nll=nll, nll_se=nll_se, n_scored=windows.n_scored, n_windows=n, ctx=T,
         windows=windows.description, running=running, seconds=seconds, seconds_per_window=seconds / n,

@@ -15,17 +15,14 @@ layer keeps its attention type even where removing layers shifts the every-sixth
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from qpsa.errors import QpsaError
+from qpsa.fsutil import atomic_output
 from qpsa.gguf.read import GGUFFile
-
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def check_output_path(out: str | os.PathLike, source: Path) -> Path:
@@ -43,54 +40,12 @@ def check_output_path(out: str | os.PathLike, source: Path) -> Path:
     return out
 
 
-def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -> Path:
-    """Write `gguf_file` with only the layers in `keep`, renumbered in that order."""
-    from qpsa.model.config import config_from_metadata
-
-    md = gguf_file.metadata
-    arch = md["general.architecture"]
-    n_layer = int(md[f"{arch}.block_count"])
-    if not keep:
-        raise QpsaError("no layer would be left")
-    if any(not 0 <= i < n_layer for i in keep):
-        raise QpsaError(f"layers must be in 0..{n_layer - 1}")
-    out = check_output_path(out, gguf_file.path)
-    config = config_from_metadata(md)
-
-    metadata = dict(md)
-    types = dict(gguf_file.layout.value_types)
-    metadata[f"{arch}.block_count"] = len(keep)
-    for key, value in md.items():
-        if key.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layer:
-            metadata[key] = [value[i] for i in keep]
-    if arch == "gemma3" and config.swa_layers:
-        key = "gemma3.attention.sliding_window_pattern"
-        metadata[key] = [bool(config.swa_layers[i]) for i in keep]
-        types[key] = (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
-
-    def tensors():
-        by_layer: dict[int, list] = {}
-        for name, t in gguf_file.tensors.items():
-            m = _LAYER.match(name)
-            if m is None:
-                yield name, t.qtype, t.shape, t.raw
-            else:
-                by_layer.setdefault(int(m.group(1)), []).append((m.group(2), t))
-        for new, old in enumerate(keep):  # a layer listed twice is written twice: a repeated layer
-            for suffix, t in by_layer.get(old, []):
-                yield f"blk.{new}.{suffix}", t.qtype, t.shape, t.raw
-
-    return write_gguf(gguf_file, metadata, types, tensors(), out)
-
-
 def write_gguf(gguf_file: GGUFFile, metadata: dict, types: dict, tensors, out: Path) -> Path:
     """Write a GGUF atomically: `metadata` (with `types`, the value types of its keys, as
     GGUFLayout.value_types gives them), `gguf_file`'s alignment, and `tensors`, an iterable of
     (name, qtype, shape in numpy order, raw bytes in the GGML layout of qtype)."""
     arch = metadata["general.architecture"]
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch, use_temp_file=False)
         for key, value in metadata.items():
             if key in ("general.architecture", "general.alignment"):
@@ -107,12 +62,6 @@ def write_gguf(gguf_file: GGUFFile, metadata: dict, types: dict, tensors, out: P
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -40,6 +40,11 @@ class LoadedModel:
     def path(self) -> Path:
         return self.file.path
 
+    def describe(self) -> dict:
+        """The model as every output names it: the name asked for, file path and sha256, architecture, layers."""
+        return {"name": self.name, "path": str(self.path), "sha256": self.file.sha256,
+                "architecture": self.config.arch, "n_layer": self.config.n_layer}
+
 
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True, check_tensors: bool = True

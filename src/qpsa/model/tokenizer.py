@@ -107,9 +107,7 @@ def _build(metadata: dict) -> FastTokenizer:
     if "tokenizer.ggml.tokens" not in metadata:
         raise QpsaError("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
     try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            convert_gguf_tokenizer,
-        )
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
     except ImportError as e:  # pragma: no cover - depends on the installed transformers
         raise QpsaError(f"building a tokenizer from GGUF needs transformers>=5.20 ({e})") from None
     tokenizer_dict = {

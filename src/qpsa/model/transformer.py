@@ -22,12 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qpsa.model.config import ModelConfig
-from qpsa.model.kernel import (
-    kernel_act_mul_,
-    kernel_attention,
-    kernel_logsumexp_merge_,
-    kernel_rms_norm,
-)
+from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm
 
 
 class Transformer:

@@ -21,26 +21,16 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
 from qpsa.errors import QpsaError
-from qpsa.quant.requantize import (
-    TensorChoice,
-    choose_types,
-    is_quantizable,
-    qtype_named,
-    requantized_tensors,
-)
-from qpsa.quant.sensitivity import (
-    Option,
-    Reference,
-    VariantStats,
-    choose_mixture,
-    quant_groups,
-)
+from qpsa.progress import SILENT, Progress
+from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, qtype_named, requantized_tensors
+from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
 
 Q = GGMLQuantizationType
 
@@ -89,10 +79,9 @@ class PlanResult:
                 args += ["--tensor-type", f"^{re.escape(c.name)}$={c.target.name.lower()}"]
         return args + [str(self.source_path), "OUT.gguf", _base_type(self.choices)]
 
-    def write(self, out: Path, output: str | None, quiet: bool = False) -> list[str]:
+    def write(self, out: Path, output: str | None, progress: Progress = SILENT) -> list[str]:
         from qpsa.fsutil import write_atomic
         from qpsa.quant.requantize import write_requantized
-        from qpsa.report.progress import progress_bar
 
         out.mkdir(parents=True, exist_ok=True)
         files = []
@@ -107,8 +96,8 @@ class PlanResult:
         write_atomic(recipe, "\n".join(lines) + "\n")
         files.append(str(recipe))
         if output:
-            with progress_bar("writing the planned GGUF", len(self.choices), quiet=quiet) as advance:
-                write_requantized(self._gguf_file, self.choices, output, progress=advance)
+            with progress.task("writing the planned GGUF", len(self.choices)) as advance:
+                write_requantized(self._gguf_file, self.choices, output, advance)
             files.append(str(output))
         return files
 
@@ -126,7 +115,10 @@ def _base_type(choices) -> str:
     return (counts.most_common(1)[0][0] if counts else "COPY").lower()
 
 
-def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, granularity: str, resume: bool) -> PlanResult:
+def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, granularity: str, resume: bool,
+              measured: Callable[[object], None] = lambda result: None) -> PlanResult:
+    """`measured(result)` is called with each candidate type's SensitivityResult as it is finished
+    (the CLI writes its JSON, CSV and plot)."""
     start = time.perf_counter()
     loaded = session.loaded
     gguf_file = loaded.file
@@ -143,7 +135,7 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, gr
         types_of[(g.name, "keep")] = {n: gguf_file.tensors[n].qtype.name for n in g.tensors}
     for qtype in qtypes:
         result = session.sensitivity(qtype, granularity, resume)
-        session.write_sensitivity(result)
+        measured(result)
         for row in result.rows:
             options[row.group.name].append(Option(qtype.name, row.bytes, row.stats.kld, row.stats.kld_se))
             types_of[(row.group.name, qtype.name)] = row.types
@@ -169,10 +161,8 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, gr
     choices = _exact_choices(gguf_file, tensor_types)
 
     # check on the held-out span
-    from qpsa.report.progress import progress_bar
-
-    with progress_bar("held-out reference pass", session.held_out.tokens.shape[0], quiet=session.quiet) as advance:
-        held = Reference(loaded.model, session.held_out, progress=advance)
+    with session.progress.task("held-out reference pass", session.held_out.tokens.shape[0]) as advance:
+        held = Reference(loaded.model, session.held_out, advance)
     plan_measured = _measure(held, loaded, choices, "plan")
     plan_measured.predicted_kld = predicted
     plan_measured.predicted_kld_se = sum(o.kld_se**2 for o in chosen.values()) ** 0.5

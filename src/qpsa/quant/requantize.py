@@ -35,7 +35,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile
+from qpsa.progress import Advance, no_progress
 
 Q = GGMLQuantizationType
 
@@ -176,7 +177,7 @@ def _fit(name: str, row: int, target, why: str, fallback: bool):
     return new, f"{why}, fallback from {target.name}"
 
 
-def summarize(choices: Sequence[TensorChoice]) -> dict:
+def size_summary(choices: Sequence[TensorChoice]) -> dict:
     """Counts per type, total bytes of tensor data and bits per weight over all tensors."""
     n_bytes = sum(c.n_bytes for c in choices)
     n_elements = sum(c.n_elements for c in choices)
@@ -187,7 +188,7 @@ def summarize(choices: Sequence[TensorChoice]) -> dict:
 
 
 def requantized_tensors(
-    gguf_file: GGUFFile, choices: Sequence[TensorChoice], progress: Callable[[str], None] | None = None
+    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
     """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes."""
     from qpsa.gguf.quantize import quantize
@@ -199,14 +200,13 @@ def requantized_tensors(
         else:
             values = t.to_torch().numpy()
             raw = quantize(values.reshape(-1, values.shape[-1]), c.target).reshape(-1)
-        if progress:
-            progress(c.name)
+        advance(c.name)
         yield c.name, c.target, c.shape, raw
 
 
 def write_requantized(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], out: str | os.PathLike,
-    progress: Callable[[str], None] | None = None,
+    advance: Advance = no_progress,
 ) -> Path:
     """Write the model with every tensor in its chosen type (metadata copied, file type updated)."""
     from qpsa.gguf.write import check_output_path, write_gguf
@@ -221,7 +221,7 @@ def write_requantized(
     if any(qtype not in (Q.F32, Q.F16, Q.BF16) for qtype in (c.target for c in choices)):
         metadata["general.quantization_version"] = gguf.GGML_QUANT_VERSION
         types["general.quantization_version"] = (gguf.GGUFValueType.UINT32, None)
-    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, progress), out)
+    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance), out)
 
 
 def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
@@ -230,7 +230,7 @@ def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), progress=None, **options):
+def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress, **options):
     """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options);
     same config and tokenizer, nothing written to disk. `.name` says what was done."""
     from qpsa.gguf.dequant import dequantize
@@ -239,7 +239,7 @@ def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), pro
     start = time.perf_counter()
     choices = choose_types(loaded.file, base, overrides, **options)
     weights = {}
-    for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, progress):
+    for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, advance):
         weights[name] = dequantize(np.asarray(raw), qtype, shape)
     model = Transformer(loaded.config, weights, dtype=loaded.model.dtype)
     label = base.name if isinstance(base, GGMLQuantizationType) else qtype_named(base).name

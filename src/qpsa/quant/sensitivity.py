@@ -38,7 +38,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qpsa.eval.perplexity import Windows
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
 from qpsa.quant.requantize import FALLBACK, is_quantizable
+from qpsa.stats import mean_se
 
 Q = GGMLQuantizationType
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -148,16 +150,10 @@ class VariantStats:
         return {**asdict(self), "dppl": self.dppl}
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    n = x.size
-    mean = float(x.mean())
-    return mean, float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-
-
 class Reference:
     """The unmodified model over `windows`: states entering every layer and scored log-probabilities."""
 
-    def __init__(self, model: Transformer, windows: Windows, progress: Callable[[], None] | None = None):
+    def __init__(self, model: Transformer, windows: Windows, advance: Advance = no_progress):
         self.model = model
         self.windows = windows
         n, T = windows.tokens.shape
@@ -178,8 +174,7 @@ class Reference:
                 self.logp.append(logp.float())
                 self.top.append(logp.argmax(-1))
                 nll.append(-logp.gather(-1, self._targets(w))[:, 0])
-                if progress:
-                    progress()
+                advance()
         self.nll = torch.cat(nll).numpy()  # (n·S,) float64
         self.ppl = math.exp(float(self.nll.mean()))
 
@@ -221,9 +216,9 @@ class Reference:
         kld = torch.cat(kld).numpy()
         nll = torch.cat(nll).numpy()
         same = torch.cat(same).numpy()
-        dnll, dnll_se = _mean_se(nll - self.nll)
-        kmean, kse = _mean_se(kld)
-        smean, sse = _mean_se(same)
+        dnll, dnll_se = mean_se(nll - self.nll)
+        kmean, kse = mean_se(kld)
+        smean, sse = mean_se(same)
         return VariantStats(
             n_tokens=kld.size, kld=kmean, kld_se=kse, kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
             dnll=dnll, dnll_se=dnll_se, ppl=math.exp(float(nll.mean())), ppl_base=self.ppl, same_top=smean,

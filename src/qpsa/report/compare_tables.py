@@ -3,37 +3,12 @@ in its order and with its labels, the per-window lines, and the generations side
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from qpsa.eval.compare.kld import CompareStats
 from qpsa.eval.compare.run import CompareRun
-
-
-@contextmanager
-def progress_bars(tasks: list[tuple[str, int]], quiet: bool = False) -> Iterator[list[Callable[[str], None]]]:
-    """One bar with ETA per (label, total), shown together on stderr; yields one `advance(status)` each."""
-    if quiet:
-        yield [lambda status="": None for _ in tasks]
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        ids = [progress.add_task(label, total=total, status="") for label, total in tasks]
-        yield [(lambda status="", t=t: progress.update(t, advance=1, status=status)) for t in ids]
 
 
 def _pct(x: float, digits: int = 3) -> str:

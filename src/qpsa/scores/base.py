@@ -20,6 +20,7 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.load import LoadedModel
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
 from qpsa.sources.texts import EvalText
 
 
@@ -84,8 +85,8 @@ class LayerStates:
     so any method that changes only layer i re-runs layers i … L−1 from `states[i]`.
     """
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor, progress=None):
-        """`progress`, if given, is called with no argument after each layer (for a progress bar)."""
+    def __init__(self, model: Transformer, tokens: torch.Tensor, advance: Advance = no_progress):
+        """`advance()` is called after each layer."""
         self.model = model
         self.tokens = tokens
         self.positions = torch.arange(tokens.shape[1])
@@ -95,8 +96,7 @@ class LayerStates:
             for i in range(model.config.n_layer):
                 h = model.block(i, h, self.positions)
                 self.states.append(h)
-                if progress is not None:
-                    progress()
+                advance()
             self.base_nll = token_nll(model, h, tokens)[0]  # (T−1,)
 
     def nll_from(self, i: int, h: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Baseline layer-importance methods: what Q-PSA is compared against.
 
-Every method is `method(loaded, tokens, settings, progress=None) -> LayerScores`, registered by
-name in `BASELINES`; a higher score means a more important layer. Exact definitions, and what the
+Every method is `method(loaded, tokens, settings, advance) -> LayerScores`, registered by
+name in `qpsa.scores.registry`; a higher score means a more important layer. Exact definitions, and what the
 uncertainties mean, are in docs/scores.md:
 
 * `layer_ablation`   ΔPPL when the layer is skipped (the residual stream passes through unchanged)
@@ -12,9 +12,9 @@ uncertainties mean, are in docs/scores.md:
 * `fisher`           Σ over the layer's weights of (∂NLL/∂w · grid step)², from one gradient
 
 The methods that read hidden states share one `LayerStates` (one forward pass), cached for the
-last (model, tokens) pair by `layer_states`. `progress`, when given, is called with a number of
-work units as they complete; `work_units(name, config, n_tokens)` is the total, so a caller can
-draw a progress bar whose ETA is right (units are roughly one layer's forward over the tokens).
+last (model, tokens) pair by `layer_states`. `advance(steps=n)` reports work units as they
+complete; `work_units(name, config, n_tokens)` is the total, so a caller can draw a progress bar
+whose ETA is right (units are roughly one layer's forward over the tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,19 +30,13 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.config import ModelConfig
 from qpsa.model.load import LoadedModel
-from qpsa.scores.base import (
-    EvalTokens,
-    LayerScores,
-    LayerStates,
-    ScoreSettings,
-    ppl_of,
-    token_nll,
-)
+from qpsa.progress import SILENT, Advance, Progress, no_progress
+from qpsa.scores.base import EvalTokens, LayerScores, LayerStates, ScoreSettings, ppl_of, token_nll
+from qpsa.scores.registry import find_method, method_names
+from qpsa.stats import mean_se
 
 if TYPE_CHECKING:
     from qpsa.scores.results import ScoreRun
-
-Progress = Callable[[int], None]
 
 # The seven weight matrices of a layer, as named in GGUF files (blk.{i}.{name}.weight).
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -56,21 +49,17 @@ ABLATION_BATCH_BYTES = 1 << 30  # activation memory one batch of layer ablations
 ABLATION_MAX_BATCH = 4
 
 
-def _no_progress(units: int) -> None:
-    pass
-
-
 # ---- shared hidden states ---------------------------------------------------------------------
 
 _cache: dict = {}
 
 
-def layer_states(loaded: LoadedModel, tokens: EvalTokens, progress: Progress | None = None) -> LayerStates:
+def layer_states(loaded: LoadedModel, tokens: EvalTokens, advance: Advance = no_progress) -> LayerStates:
     """The hidden states entering every layer on `tokens`, computed once per (model, tokens).
 
     Only the last pair is kept (the states of a 500-token window are tens of MB). The key includes
     every weight tensor's identity and in-place version counter, so states computed before a weight
-    was changed (in place or by replacing the tensor) are never returned. `progress` gets one unit
+    was changed (in place or by replacing the tensor) are never returned. `advance` gets one step
     per layer when the states are computed, nothing when they come from the cache."""
     model, ids = loaded.model, tokens.tokens
     weights = tuple((id(t), t._version) for t in model.weights.values())
@@ -79,8 +68,7 @@ def layer_states(loaded: LoadedModel, tokens: EvalTokens, progress: Progress | N
             and _cache["tokens"].shape == ids.shape and torch.equal(_cache["tokens"], ids)):
         return _cache["states"]
     _cache.clear()
-    step = progress or _no_progress
-    states = LayerStates(model, ids, progress=lambda: step(1))
+    states = LayerStates(model, ids, advance)
     _cache.update(model=weakref.ref(model), weights=weights, tokens=ids.clone(), states=states)
     return states
 
@@ -114,16 +102,15 @@ def work_units(name: str, config: ModelConfig, n_tokens: int) -> int:
         return L * (L - 1) // 2 + L * head
     if name == "fisher":
         return sum(_fisher_units(config, n_tokens)) + L
-    if name in BASELINES:
-        return L
-    raise QpsaError(f"unknown method {name!r}; known: {', '.join(BASELINES)}")
+    find_method(name, "baseline")
+    return L
 
 
 # ---- the methods --------------------------------------------------------------------------------
 
 
 def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                   progress: Progress | None = None) -> LayerScores:
+                   advance: Advance = no_progress) -> LayerScores:
     """score_i = PPL(all layers but i) − PPL(all layers), on the scored tokens.
 
     Skipping layer i feeds the cached states[i] straight into layer i+1. The ablations run as a
@@ -132,7 +119,6 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
     after it plus one output head, and the layer matmuls see B·T rows at once.
     """
     start = time.perf_counter()
-    step = progress or _no_progress
     model, cfg = loaded.model, loaded.config
     L, T = cfg.n_layer, tokens.tokens.shape[1]
     states = layer_states(loaded, tokens)
@@ -149,16 +135,16 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
             for k in range(a, L):
                 if h is not None:
                     h = model.block(k, h, states.positions)
-                    step(h.shape[0])
+                    advance(steps=h.shape[0])
                 if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
                     h = states.states[k] if h is None else torch.cat([h, states.states[k]])
             for j in range(b - a):  # element j is the ablation of layer a + j
                 nll[a + j] = token_nll(model, h[j : j + 1], tokens.tokens)[0].double()
-                step(head)
+                advance(steps=head)
     base_ppl = ppl_of(base)
     delta = nll - base  # (L, N) paired per-token differences
     dnll = delta.mean(dim=1)
-    se_dnll = delta.std(dim=1) / math.sqrt(n) if n > 1 else torch.full((L,), math.nan, dtype=torch.float64)
+    _, se_dnll = mean_se(delta, dim=1)
     ppl = [ppl_of(nll[i]) for i in range(L)]
     scores = [p - base_ppl for p in ppl]
     # delta method: ΔPPL = PPL_base·(exp(ΔNLL) − 1), d/dΔNLL = PPL_base·exp(ΔNLL) = PPL_ablated
@@ -170,10 +156,9 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
 
 
 def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                progress: Progress | None = None) -> LayerScores:
+                advance: Advance = no_progress) -> LayerScores:
     """score_i = sqrt(Σ over the seven dequantized matrices of Σ w²): one Frobenius norm of them all."""
     start = time.perf_counter()
-    step = progress or _no_progress
     w = loaded.model.weights
     scores, per_matrix = [], {m: [] for m in MATRICES}
     for i in range(loaded.config.n_layer):
@@ -183,20 +168,19 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
             per_matrix[m].append(math.sqrt(sq))
             total += sq
         scores.append(math.sqrt(total))
-        step(1)
+        advance(steps=1)
     return LayerScores("weight_norm", scores, [None] * len(scores),
                        "Frobenius norm of the 7 dequantized weight matrices together", time.perf_counter() - start,
                        {"per_matrix": per_matrix})
 
 
 def random_scores(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                  progress: Progress | None = None) -> LayerScores:
+                  advance: Advance = no_progress) -> LayerScores:
     """score_i = perm[i] for perm = numpy.random.default_rng(seed).permutation(L)."""
     start = time.perf_counter()
     L = loaded.config.n_layer
     perm = np.random.default_rng(settings.seed).permutation(L)
-    if progress is not None:
-        progress(L)
+    advance(steps=L)
     return LayerScores("random", [float(x) for x in perm], [None] * L,
                        "random rank (0 = least important), numpy default_rng(seed).permutation",
                        time.perf_counter() - start, {"seed": settings.seed})
@@ -209,30 +193,28 @@ def _unit_rows(h: torch.Tensor) -> torch.Tensor:
 
 
 def block_influence(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                    progress: Progress | None = None) -> LayerScores:
+                    advance: Advance = no_progress) -> LayerScores:
     """BI_i = 1 − mean over the T positions of cos(states[i], states[i+1]) (ShortGPT)."""
     start = time.perf_counter()
-    step = progress or _no_progress
     states = layer_states(loaded, tokens)
     scores, unc = [], []
     for i in range(loaded.config.n_layer):
         # 1 − cos(x, y) = ½‖x̂ − ŷ‖², exact for unit vectors and exactly 0 when x = y
         one_minus_cos = 0.5 * (_unit_rows(states.states[i]) - _unit_rows(states.states[i + 1])).square().sum(-1)
         scores.append(float(one_minus_cos.mean()))
-        unc.append(_se(one_minus_cos))
-        step(1)
+        unc.append(mean_se(one_minus_cos)[1])
+        advance(steps=1)
     return LayerScores("block_influence", scores, unc, "1 − mean cos(h_in, h_out) over tokens",
                        time.perf_counter() - start, {"positions": int(tokens.tokens.shape[1])})
 
 
 def angular_distance(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                     progress: Progress | None = None) -> LayerScores:
+                     advance: Advance = no_progress) -> LayerScores:
     """d_i = mean over the T positions of arccos(cos(states[i], states[min(i+n, L)]))/π (Gromov et al.).
 
     Layers with i + n > L compare against the final state states[L] (a shorter span; `details.span`
     says how many layers each score spans)."""
     start = time.perf_counter()
-    step = progress or _no_progress
     L, n = loaded.config.n_layer, settings.angular_n
     if not 1 <= n <= L:
         raise QpsaError(f"--n must be between 1 and the number of layers ({L}); got {n}")
@@ -244,9 +226,9 @@ def angular_distance(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSet
         # the angle between unit vectors, 2·atan2(‖x̂−ŷ‖, ‖x̂+ŷ‖): accurate near 0, unlike arccos
         angle = 2 * torch.atan2((x - y).norm(dim=-1), (x + y).norm(dim=-1)) / math.pi
         scores.append(float(angle.mean()))
-        unc.append(_se(angle))
+        unc.append(mean_se(angle)[1])
         span.append(j - i)
-        step(1)
+        advance(steps=1)
     return LayerScores("angular_distance", scores, unc, f"mean arccos(cos(h_i, h_i+{n}))/π over tokens",
                        time.perf_counter() - start, {"n": n, "span": span, "positions": int(tokens.tokens.shape[1])})
 
@@ -270,14 +252,13 @@ def _fisher_units(config: ModelConfig, n_tokens: int) -> list[int]:
 
 
 def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-           progress: Progress | None = None) -> LayerScores:
+           advance: Advance = no_progress) -> LayerScores:
     """score_i = Σ over the layer's seven matrices, over every weight w, of (g_w · step_w)².
 
     g = ∂(Σ of the N scored tokens' NLL)/∂w at the model's weights, step_w the weight's
     quantization grid step (signed, squared away). Uncertainty: delete-one-group jackknife over
     FISHER_GROUPS contiguous token groups (see docs/scores.md)."""
     start = time.perf_counter()
-    step = progress or _no_progress
     model, cfg = loaded.model, loaded.config
     L, ids = cfg.n_layer, tokens.tokens
     T = ids.shape[1]
@@ -295,7 +276,7 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
             h = model.run_layers(model.embed(ids[:, :P]), range(L), torch.arange(P))
             loss = token_nll(model, h, ids[:, :P])[0, lo:hi].sum()
             g = torch.autograd.grad(loss, params)
-        step(units[pass_index])
+        advance(steps=units[pass_index])
         return dict(zip(names, g))
 
     try:
@@ -317,7 +298,7 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                 mats[(i, m)] = {"fused": f"blk.{i}.{fused}.weight", "row": row, "rows": rows, "step": s, "u": u,
                                 "A": float(u.square().sum(dtype=torch.float64)), "B": [], "C": [],
                                 "sum": torch.zeros_like(u)}
-            step(1)
+            advance(steps=1)
         del full
         for k in range(K):
             g = gradient(k + 1, bounds[k], bounds[k + 1]) if k < K - 1 else None
@@ -356,41 +337,18 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                        time.perf_counter() - start, details)
 
 
-def _se(x: torch.Tensor) -> float:
-    return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else math.nan
-
-
-BASELINES: dict[str, Callable[..., LayerScores]] = {
-    "layer_ablation": layer_ablation,
-    "weight_norm": weight_norm,
-    "random": random_scores,
-    "block_influence": block_influence,
-    "angular_distance": angular_distance,
-    "fisher": fisher,
-}
-
-
 def check_methods(names: list[str]) -> list[str]:
     """The names, deduplicated in order; QpsaError listing the known ones for an unknown name."""
-    out = []
-    for name in names:
-        if name not in BASELINES:
-            raise QpsaError(f"unknown method {name!r}; known: {', '.join(BASELINES)}")
-        if name not in out:
-            out.append(name)
+    out = list(dict.fromkeys(find_method(name, "baseline").name for name in names))
     if not out:
-        raise QpsaError(f"no methods given; known: {', '.join(BASELINES)}")
+        raise QpsaError(f"no methods given; known: {', '.join(method_names('baseline'))}")
     return out
 
 
 def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], settings: ScoreSettings,
-                  bar=None) -> ScoreRun:
-    """Base perplexity and every method in `names` on the same tokens, as one ScoreRun.
-
-    `bar(label, total)`, if given, is a context manager yielding `advance(status)` (such as
-    `qpsa.report.progress.progress_bar`): one bar for the shared forward pass, one per method."""
-    from contextlib import nullcontext
-
+                  progress: Progress = SILENT) -> ScoreRun:
+    """Base perplexity and every method in `names` on the same tokens, as one ScoreRun; a progress
+    task for the shared forward pass, and one per method."""
     from qpsa.scores.results import ScoreRun
 
     names = check_methods(names)
@@ -400,21 +358,14 @@ def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], set
     start = time.perf_counter()
     T = tokens.tokens.shape[1]
 
-    def open_bar(label, total):
-        return nullcontext(lambda status="": None) if bar is None else bar(label, total)
-
-    def units(advance):
-        return lambda n: [advance("") for _ in range(n)]
-
-    with open_bar("forward", loaded.config.n_layer) as advance:
-        states = layer_states(loaded, tokens, progress=units(advance))
+    with progress.task("forward", loaded.config.n_layer) as advance:
+        states = layer_states(loaded, tokens, advance)
     base = {"ppl": ppl_of(states.base_nll), "nll": float(states.base_nll.double().mean())}
     methods = {}
     for name in names:
-        with open_bar(name, work_units(name, loaded.config, T)) as advance:
-            methods[name] = BASELINES[name](loaded, tokens, settings, progress=units(advance))
-    model = {"name": loaded.name, "path": str(loaded.path), "sha256": loaded.file.sha256,
-             "architecture": loaded.config.arch, "n_layer": loaded.config.n_layer}
+        with progress.task(name, work_units(name, loaded.config, T)) as advance:
+            methods[name] = find_method(name).compute()(loaded, tokens, settings, advance)
+    model = loaded.describe()
     run_settings = {"methods": names, "max_tokens": settings.max_tokens, "seed": settings.seed,
                     "angular_n": settings.angular_n, "fisher_groups": FISHER_GROUPS,
                     "dtype": str(loaded.model.dtype).removeprefix("torch.")}

@@ -10,17 +10,16 @@ import numpy as np
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.eval.compare.logprobs import (
-    CLIP_NATS,
-    KLD_QUANTILES,
-    P_DIFF_QUANTILES,
-    ROWS_PER_STEP,
-    decode_log_probs,
-    encode_log_probs,
-    row_width,
-)
+from qpsa.eval.compare.logprobs import CLIP_NATS, decode_log_probs, encode_log_probs, row_width
+from qpsa.stats import llamacpp_covariance_of_means, llamacpp_mean_se
 
-# ---- per-token figures and their summary ------------------------------------------------------------
+ROWS_PER_STEP = 64  # positions processed at once in token_stats (bounds memory on large vocabularies)
+KLD_MIN_N = 11  # llama.cpp's --kl-divergence prints ± 0 below this many tokens
+KLD_QUANTILES = (("Maximum", 1.0), ("99.9%", 0.999), ("99.0%", 0.99), ("95.0%", 0.95), ("90.0%", 0.9),
+                 ("Median", None), ("10.0%", 0.1), ("5.0%", 0.05), ("1.0%", 0.01), ("0.1%", 0.001), ("Minimum", 0.0))
+P_DIFF_QUANTILES = (("Maximum", 1.0), ("99.9%", 0.999), ("99.0%", 0.99), ("95.0%", 0.95), ("90.0%", 0.9),
+                    ("75.0%", 0.75), ("Median", None), ("25.0%", 0.25), ("10.0%", 0.1), ("5.0%", 0.05),
+                    ("1.0%", 0.01), ("0.1%", 0.001), ("Minimum", 0.0))
 
 
 @dataclass
@@ -69,24 +68,6 @@ def token_stats(base_rows: np.ndarray, other_logits: torch.Tensor, targets) -> T
             out["p_diff"].append(torch.exp(-nll) - torch.exp(-nll_base))
             out["same_top"].append(other_logits[a:b].argmax(dim=-1) == log_p.argmax(dim=-1))
     return TokenStats(**{k: torch.cat(v).numpy() for k, v in out.items()})
-
-
-def mean_and_se(x: np.ndarray) -> tuple[float, float]:
-    """llama.cpp's mean_and_uncertainty: the mean and sqrt((mean(x²) − mean²)/(n − 1)), 0 for n ≤ 10."""
-    n = len(x)
-    if n < 1:
-        return 0.0, 0.0
-    mean = float(np.sum(x)) / n
-    var = float(np.sum(x * x)) / n - mean * mean
-    return mean, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
-
-
-def covariance_of_means(a: np.ndarray, b: np.ndarray) -> float:
-    """llama.cpp's covariance of the two means: (mean(ab) − mean(a)·mean(b)) / (n − 1), 0 for n < 10."""
-    n = len(a)
-    if n < 10:
-        return 0.0
-    return (float(np.sum(a * b)) / n - float(np.sum(a)) / n * (float(np.sum(b)) / n)) / (n - 1)
 
 
 def percentile(sorted_values: np.ndarray, fraction: float) -> float:
@@ -148,16 +129,16 @@ def compare_stats(t: TokenStats) -> CompareStats:
     n = len(t)
     if n < 2:
         raise QpsaError(f"{n} scored token(s): too few for statistics")
-    ln_q, ln_q_se = mean_and_se(t.nll)
-    ln_b, ln_b_se = mean_and_se(t.nll_base)
-    cov = covariance_of_means(t.nll, t.nll_base)
+    ln_q, ln_q_se = llamacpp_mean_se(t.nll, min_n=KLD_MIN_N)
+    ln_b, ln_b_se = llamacpp_mean_se(t.nll_base, min_n=KLD_MIN_N)
+    cov = llamacpp_covariance_of_means(t.nll, t.nll_base)
     ppl, ppl_base = math.exp(ln_q), math.exp(ln_b)
     ln_ratio = ln_q - ln_b
     ln_ratio_se = math.sqrt(max(0.0, ln_q_se**2 + ln_b_se**2 - 2 * cov))
     ppl_diff_se = math.sqrt(max(0.0, (ppl * ln_q_se) ** 2 + (ppl_base * ln_b_se) ** 2 - 2 * ppl * ppl_base * cov))
-    kld, kld_se = mean_and_se(t.kld)
-    p_diff, p_diff_se = mean_and_se(t.p_diff)
-    mse, mse_se = mean_and_se(t.p_diff**2)
+    kld, kld_se = llamacpp_mean_se(t.kld, min_n=KLD_MIN_N)
+    p_diff, p_diff_se = llamacpp_mean_se(t.p_diff, min_n=KLD_MIN_N)
+    mse, mse_se = llamacpp_mean_se(t.p_diff**2, min_n=KLD_MIN_N)
     rms = math.sqrt(mse)
     same = float(np.mean(t.same_top))
     return CompareStats(

@@ -4,9 +4,7 @@ q-psa's base file with its JSON trailer, written and read (see `qpsa.eval.compar
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,18 +13,12 @@ import torch
 
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import Windows
-from qpsa.fsutil import user_file
+from qpsa.fsutil import replace_durably, temp_beside, user_file
 
 CLIP_NATS = 16.0  # llama.cpp stores log-probs down to 16 nats below the top, and sums KLD over log p > −16
 LEVELS = 65535  # uint16 codes
-ROWS_PER_STEP = 64  # positions processed at once in token_stats (bounds memory on large vocabularies)
 
 # llama.cpp's percentile lines, in its order: (label, fraction); None marks min/max/median
-KLD_QUANTILES = (("Maximum", 1.0), ("99.9%", 0.999), ("99.0%", 0.99), ("95.0%", 0.95), ("90.0%", 0.9),
-                 ("Median", None), ("10.0%", 0.1), ("5.0%", 0.05), ("1.0%", 0.01), ("0.1%", 0.001), ("Minimum", 0.0))
-P_DIFF_QUANTILES = (("Maximum", 1.0), ("99.9%", 0.999), ("99.0%", 0.99), ("95.0%", 0.95), ("90.0%", 0.9),
-                    ("75.0%", 0.75), ("Median", None), ("25.0%", 0.25), ("10.0%", 0.1), ("5.0%", 0.05),
-                    ("1.0%", 0.01), ("0.1%", 0.001), ("Minimum", 0.0))
 
 
 # ---- the stored base: llama.cpp's uint16 log-probs -----------------------------------------------
@@ -86,8 +78,8 @@ class BaseLogProbsWriter:
         N, T = windows.tokens.shape
         if windows.score_from != T // 2:
             raise QpsaError("a base file needs llama.cpp's windows (second half scored), not --max-tokens")
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, "wb")
+        self.tmp = temp_beside(self.path)
+        self.f = open(self.tmp, "wb")
         self.f.write(_HEAD.pack(MAGIC, T, n_vocab, N))
         self.f.write(windows.tokens.numpy().astype("<i4").tobytes())
 
@@ -97,16 +89,14 @@ class BaseLogProbsWriter:
     def finish(self, meta: dict) -> Path:
         blob = json.dumps(meta, indent=1).encode("utf-8")
         self.f.write(blob + struct.pack("<Q", len(blob)) + TRAILER_MAGIC)
-        self.f.flush()
-        os.fsync(self.f.fileno())
         self.f.close()
-        os.replace(self.tmp, self.path)
+        replace_durably(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         if not self.f.closed:
             self.f.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -31,27 +31,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.eval.compare.kld import (
-    CompareStats,
-    TokenStats,
-    compare_stats,
-    running_line,
-    token_stats,
-)
-from qpsa.eval.compare.logprobs import (
-    BaseLogProbsFile,
-    BaseLogProbsWriter,
-    encode_log_probs,
-)
+from qpsa.eval.compare.kld import CompareStats, TokenStats, compare_stats, running_line, token_stats
+from qpsa.eval.compare.logprobs import BaseLogProbsFile, BaseLogProbsWriter, encode_log_probs
 from qpsa.eval.perplexity import Windows
 from qpsa.model.transformer import Transformer
+from qpsa.progress import SILENT, Advance, Progress, no_progress
 
 # ---- running both models over the windows --------------------------------------------------------
 
@@ -86,12 +77,19 @@ def compare_windows(
     windows: Windows,
     base: Transformer | BaseLogProbsFile,
     save: BaseLogProbsWriter | None = None,
-    on_base: Callable[[int, int], None] | None = None,
-    on_other: Callable[[int, int, dict], None] | None = None,
+    progress: Progress = SILENT,
 ) -> CompareRun:
     """Run the base (or read its stored rows) and the other model window by window, interleaved,
-    so memory holds one window at a time. `on_base(done, total)` and `on_other(done, total, line)`
-    report progress; `line` is llama.cpp's running per-chunk figures."""
+    so memory holds one window at a time. `progress` gets a task per model run (none for a stored
+    base); the other's status is llama.cpp's running per-chunk KLD and same-top share."""
+    N, T = windows.tokens.shape
+    with ExitStack() as tasks:
+        advance_base = no_progress if isinstance(base, BaseLogProbsFile) else tasks.enter_context(progress.task("base", N))
+        advance_other = tasks.enter_context(progress.task("other", N))
+        return _compare_windows(other, windows, base, save, advance_base, advance_other)
+
+
+def _compare_windows(other, windows, base, save, advance_base: Advance, advance_other: Advance) -> CompareRun:
     N, T = windows.tokens.shape
     sf = windows.score_from
     parts, running = [], []
@@ -106,15 +104,13 @@ def compare_windows(
             if save is not None:
                 save.write(rows)
             base_seconds += time.perf_counter() - t0
-            if on_base:
-                on_base(i + 1, N)
+            advance_base()
         t1 = time.perf_counter()
         parts.append(token_stats(rows, scored_logits(other, window, sf), window[sf + 1 :]))
         line = {"window": i + 1, **running_line(TokenStats.concat(parts))}
         running.append(line)
         other_seconds += time.perf_counter() - t1
-        if on_other:
-            on_other(i + 1, N, line)
+        advance_other(f"KLD {line['kld']:.4f}  same top {100 * line['same_top']:.1f}%")
     tokens = TokenStats.concat(parts)
     return CompareRun(compare_stats(tokens), running, N, T, len(tokens), base_seconds, other_seconds, tokens)
 

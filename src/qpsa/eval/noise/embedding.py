@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from qpsa.eval.noise.settings import NOISE_STREAM
-from qpsa.eval.noise.summary import Summary, _mean_se, _pct, describe, draw_seed
-from qpsa.eval.perplexity import Windows, summarize
+from qpsa.eval.noise.summary import Summary, _pct, describe, draw_seed
+from qpsa.eval.perplexity import Windows, ppl_from_nll
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
+from qpsa.stats import mean_se
 
 # ---- 1. embedding noise -----------------------------------------------------------------------
 
@@ -72,17 +74,17 @@ class _Accumulator:
 
     def result(self, sigma: float, clean_nll: float) -> SigmaResult:
         kl, flip, dnll, nll = (torch.cat(v) for v in (self.kl, self.flip, self.dnll, self.nll))
-        ppl, ppl_se, _, _ = summarize(nll)
-        mean_d, se_d = _mean_se(dnll)
+        ppl, ppl_se, _, _ = ppl_from_nll(nll)
+        mean_d, se_d = mean_se(dnll)
         ratio = math.exp(mean_d)
         base = torch.cat(self.rel[0])  # (n,)
         b = float(base.mean())
         layers = []
         for d, parts in enumerate(self.rel):
             r = torch.cat(parts)
-            mean, se = _mean_se(r)
+            mean, se = mean_se(r)
             amp = mean / b
-            _, amp_se = _mean_se(r - amp * base)  # se of the ratio of paired means, × b
+            _, amp_se = mean_se(r - amp * base)  # se of the ratio of paired means, × b
             layers.append(LayerPerturbation(d, mean, se, amp, amp_se / b))
         flip_pct, flip_se = _pct(flip)
         return SigmaResult(sigma, describe(kl), flip_pct, flip_se, ppl, ppl_se, ppl - math.exp(clean_nll),
@@ -91,7 +93,7 @@ class _Accumulator:
 
 def embedding_noise(
     model: Transformer, windows: Windows, sigmas: Sequence[float], samples: int, seed: int,
-    progress: Callable[[str], None] | None = None,
+    advance: Advance = no_progress,
 ) -> EmbeddingNoiseResult:
     """Gaussian noise on the input embeddings (see the module docstring for every definition)."""
     start = time.perf_counter()
@@ -113,8 +115,7 @@ def embedding_noise(
             clean_logits = model.logits(clean[-1][:, s0:-1])[0]  # (S, V)
             noisy_logits = torch.empty_like(clean_logits)[None]  # (1, S, V), reused
             clean_nll = None
-            if progress:
-                progress(f"window {w + 1}/{n_win} clean")
+            advance(f"window {w + 1}/{n_win} clean")
             for k in range(samples):
                 g = torch.Generator().manual_seed(draw_seed(seed, NOISE_STREAM, w, k))
                 z = torch.randn(e.shape, generator=g, dtype=e.dtype)  # (1, T, C), shared by every σ
@@ -132,13 +133,12 @@ def embedding_noise(
                     a.flip.append(flip)
                     a.dnll.append(nll_n - nll_c)
                     a.nll.append(nll_n)
-                    if progress:
-                        progress(f"σ={sigma:g} KL {float(kl.mean()):.3g}")
+                    advance(f"σ={sigma:g} KL {float(kl.mean()):.3g}")
             if clean_nll is None:
                 clean_nll = compare_logits(clean_logits, clean_logits, targets)[2]
             clean_nlls.append(clean_nll)
     all_clean = torch.cat(clean_nlls)
-    clean_ppl, clean_ppl_se, clean_mean_nll, _ = summarize(all_clean)
+    clean_ppl, clean_ppl_se, clean_mean_nll, _ = ppl_from_nll(all_clean)
     return EmbeddingNoiseResult(
         windows=windows.description, n_windows=n_win, ctx=T, n_scored=windows.n_scored, samples=samples,
         rms=rms_list, clean_ppl=clean_ppl, clean_ppl_se=clean_ppl_se,

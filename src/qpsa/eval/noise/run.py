@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from qpsa.eval.noise.embedding import EmbeddingNoiseResult, embedding_noise
 from qpsa.eval.noise.settings import NoiseSettings
 from qpsa.eval.noise.typos import TypoResult, typo_sensitivity
 from qpsa.eval.perplexity import Windows
+from qpsa.progress import Advance, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class NoiseReport:
 
 def run_noise(
     loaded, eval_text, prompts: Sequence[str], settings: NoiseSettings, prompts_source: str = "built-in",
-    progress: Callable[[str], None] | None = None, windows: Windows | None = None,
+    advance: Advance = no_progress, windows: Windows | None = None,
 ) -> NoiseReport:
     """Both parts on a loaded model (`qpsa.model.load.LoadedModel`) and an `EvalText`; `windows`
     are the text's windows for settings.ctx and settings.chunks when the caller has made them."""
@@ -83,14 +84,13 @@ def run_noise(
     s = settings
     if windows is None:
         windows = make_windows(loaded.tokenizer, eval_text.text, s.ctx, s.chunks, None, loaded.config.context_length)
-    embedding = embedding_noise(loaded.model, windows, s.sigmas, s.samples, s.seed, progress)
+    embedding = embedding_noise(loaded.model, windows, s.sigmas, s.samples, s.seed, advance)
     typos = typo_sensitivity(loaded.model, loaded.tokenizer, prompts, s.typo_rate, s.samples, s.seed,
-                             s.new_tokens, progress)
+                             s.new_tokens, advance)
     log.info("noise: %d windows × %d σ × %d samples in %.1f s; %d prompts in %.1f s", windows.tokens.shape[0],
              len(s.sigmas), s.samples, embedding.seconds, len(prompts), typos.seconds)
     return NoiseReport(
-        model={"name": loaded.name, "path": str(loaded.path), "sha256": loaded.file.sha256,
-               "architecture": loaded.config.arch, "n_layer": loaded.config.n_layer},
+        model=loaded.describe(),
         text={**eval_text.describe(), "windows": windows.description},
         settings={**asdict(s), "prompts": prompts_source},
         embedding=embedding, typos=typos, seconds=time.perf_counter() - start,

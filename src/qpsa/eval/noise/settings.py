@@ -8,14 +8,6 @@ from dataclasses import dataclass
 from qpsa.errors import QpsaError
 
 DEFAULT_SIGMAS = (0.01, 0.03, 0.1)
-DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Who wrote Romeo and Juliet?",
-    "How many legs does a spider have?",
-    "What is the largest planet in the solar system?",
-    "What language is spoken in Brazil?",
-    "At what temperature does water boil at sea level?",
-)
 
 NOISE_STREAM = 0  # seed stream of the embedding noise
 TYPO_STREAM = 1  # seed stream of the typos

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from qpsa.errors import QpsaError
+from qpsa.eval.generation import greedy
 from qpsa.eval.noise.embedding import compare_logits
 from qpsa.eval.noise.settings import TYPO_STREAM, prompt_groups
 from qpsa.eval.noise.summary import Summary, _pct, describe, draw_seed
 from qpsa.model.tokenizer import Tokenizer
 from qpsa.model.transformer import Transformer
+from qpsa.progress import Advance, no_progress
 
 # ---- 2. typos ---------------------------------------------------------------------------------
 
@@ -115,39 +117,12 @@ class TypoResult:
     seconds: float = 0.0
 
 
-def greedy(
-    model: Transformer, prompts: Sequence[Sequence[int]], n: int, progress: Callable[[str], None] | None = None,
-) -> tuple[torch.Tensor, list[list[int]]]:
-    """(logits (B, V) at the last position of each prompt, n greedily chosen next tokens per
-    prompt). EOS is a token like any other, not a stop. The prompts run as one batch, padded on
-    the right: attention is causal, so a position never sees the padding after it. No cache:
-    each step re-runs the whole batch, cheap for short prompts. `progress` is called per step."""
-    seqs = [list(ids) for ids in prompts]
-    B, first = len(seqs), None
-    with torch.inference_mode():
-        for step in range(n):
-            lengths = torch.tensor([len(x) for x in seqs])  # (B,)
-            T = int(lengths.max())
-            tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T), right-padded with token 0
-            for i, x in enumerate(seqs):
-                tokens[i, : len(x)] = torch.tensor(x)
-            h = model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(T))  # (B, T, C)
-            logits = model.logits(h[torch.arange(B), lengths - 1][:, None])[:, 0]  # (B, V)
-            if first is None:
-                first = logits.clone()
-            for x, t in zip(seqs, logits.argmax(-1).tolist()):
-                x.append(t)
-            if progress:
-                progress(f"greedy step {step + 1}/{n}, {B} prompts")
-    return first, [x[len(ids):] for x, ids in zip(seqs, prompts)]
-
-
 def typo_sensitivity(
     model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], rate: float, samples: int, seed: int,
-    new_tokens: int = 12, progress: Callable[[str], None] | None = None,
+    new_tokens: int = 12, advance: Advance = no_progress,
 ) -> TypoResult:
     """Typos in prompts against the clean prompts (see `add_typos` and the module docstring).
-    `progress` is called after every greedy step of every group of prompts (`prompt_groups`)."""
+    `advance` is called after every greedy step of every group of prompts (`prompt_groups`)."""
     start = time.perf_counter()
     limit = model.config.context_length
     bos = bool(tokenizer.add_bos and tokenizer.bos_id is not None)
@@ -168,7 +143,7 @@ def typo_sensitivity(
         # each distinct text once: the clean prompts, then the typo'd ones that differ from them
         texts = list(dict.fromkeys([prompts[p] for p in group] + [t for p in group for t, _ in typos[p]]))
         ids = [encode(t) for t in texts]
-        logits, conts = greedy(model, ids, new_tokens, progress)  # (len(texts), V)
+        logits, conts = greedy(model, ids, new_tokens, advance=advance)  # (len(texts), V)
         row = {t: i for i, t in enumerate(texts)}
         top1 = logits.argmax(-1).tolist()
         for p in group:
@@ -191,14 +166,3 @@ def typo_sensitivity(
         unchanged_draws=sum(d.n_edits == 0 for d in draws), mean_edits=sum(d.n_edits for d in draws) / len(draws),
         seconds=time.perf_counter() - start,
     )
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a UTF-8 file, one per line; blank lines are skipped, each line is stripped."""
-    from qpsa.sources.texts import text_from_file
-
-    text = text_from_file(path).text  # QpsaError for a missing, empty, binary or non-UTF-8 file
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise QpsaError(f"{path}: no prompts (every line is blank)")
-    return prompts

@@ -46,16 +46,12 @@ from dataclasses import dataclass, field
 import torch
 
 from qpsa.errors import QpsaError
+from qpsa.progress import Advance, no_progress
 from qpsa.scores.base import EvalTokens, LayerScores
 from qpsa.scores.qpsa.evaluate import Evaluator
 from qpsa.scores.qpsa.moves import plan_unit
 from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings
-from qpsa.scores.qpsa.summary import (
-    evaluate_plan,
-    layer_summary,
-    matrix_summary,
-    measure_floor,
-)
+from qpsa.scores.qpsa.summary import evaluate_plan, layer_summary, matrix_summary, measure_floor
 
 # ---- the whole run ----------------------------------------------------------------------------
 
@@ -99,7 +95,7 @@ def score_qpsa(
     settings: QpsaSettings,
     layers: list[int] | None = None,
     checkpoint=None,
-    progress: Callable[[str], None] | None = None,
+    advance: Advance = no_progress,
     log: Callable[[str], None] | None = None,
     noise_floor: bool = True,
 ) -> QpsaRun:
@@ -107,7 +103,7 @@ def score_qpsa(
 
     checkpoint: a `qpsa.scores.checkpoint.Checkpoint` already checked against this run; its
     finished units are taken as they are, every newly finished unit is added and saved at once.
-    progress(status): called after each matrix. log(line): one-line notes (resume, floor).
+    advance(status): called after each matrix. log(line): one-line notes (resume, floor).
     noise_floor=False skips measuring the floor (benchmarks; below-floor fractions are then None).
     """
     start = time.perf_counter()
@@ -150,9 +146,8 @@ def score_qpsa(
                 if checkpoint is not None:
                     checkpoint.units[key] = raw
                     checkpoint.save()
-                if progress:
-                    s = matrix_summary(raw, base_ppl, settings.estimator, None)
-                    progress(f"layer {i} {m}: {s['mean']:.3g}")
+                s = matrix_summary(raw, base_ppl, settings.estimator, None)
+                advance(f"layer {i} {m}: {s['mean']:.3g}")
     seconds = time.perf_counter() - start
     scores = build_scores(done, layers, L, settings, base_ppl, base_mean, floor)
     run = scores.details["run"]
@@ -164,6 +159,12 @@ def score_qpsa(
     scores.seconds = seconds + seconds_before
     return QpsaRun(scores, base_mean, base_ppl, computed, resumed)
 
+
+
+def qpsa_layer_scores(loaded, tokens: EvalTokens, settings: QpsaSettings, advance: Advance = no_progress,
+                      layers: list[int] | None = None, noise_floor: bool = True) -> LayerScores:
+    """Q-PSA as a registered score method (`qpsa.scores.registry`): the layer scores of `score_qpsa`."""
+    return score_qpsa(loaded, tokens, settings, layers=layers, advance=advance, noise_floor=noise_floor).scores
 
 _SCORE_TEXT = {
     "matrix": "score = mean over the layer's 7 matrices of the per-matrix mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per "

@@ -18,6 +18,7 @@ from qpsa.scores.qpsa.settings import (
     ROUNDOFF_RATIO,
     QpsaSettings,
 )
+from qpsa.stats import mean_se
 
 # ---- per-unit results and aggregation ---------------------------------------------------------
 
@@ -46,16 +47,10 @@ def sample_values(raw: dict, base_ppl: float, estimator: str) -> dict[str, np.nd
             "first_order": 0.5 * np.abs(p - m)}
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float | None]:
-    if len(x) == 0:
-        return math.nan, None
-    return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
-
-
 def matrix_summary(raw: dict, base_ppl: float, estimator: str, floor: float | None) -> dict:
     v = sample_values(raw, base_ppl, estimator)
-    mean, se = _mean_se(v["value"])
-    mean_nll, se_nll = _mean_se(v["value_nll"])
+    mean, se = mean_se(v["value"])
+    mean_nll, se_nll = mean_se(v["value_nll"])
     fo = v["first_order"]
     if estimator == "probe":  # E[(Σ s_j g_j δ_j)²] = Σ (g_j δ_j)²: RMS per unit = sqrt(mean(fo²)/N)
         first_order = float(np.sqrt((fo**2).mean() / raw["n_sampled"])) if len(fo) else math.nan
@@ -70,13 +65,12 @@ def matrix_summary(raw: dict, base_ppl: float, estimator: str, floor: float | No
             # a layer-scope probe moves N units of each matrix, not units in proportion to the matrices'
             # sizes, so it has no weight-count-weighted total
             "total_nll": None if raw["matrix"] == LAYER else raw["n_units"] * mean_nll,
-            "total_nll_se": None if se_nll is None or raw["matrix"] == LAYER else raw["n_units"] * se_nll,
+            "total_nll_se": None if raw["matrix"] == LAYER else raw["n_units"] * se_nll,
             "n_below_floor": n_below, "below_floor": n_below / len(fo) if n_below is not None and len(fo) else None}
 
 
-def _propagate(ses: list[float | None], weights: list[float]) -> float | None:
-    if any(s is None for s in ses):
-        return None
+def _propagate(ses: list[float], weights: list[float]) -> float:
+    """The standard error of Σ w·x from the x's independent standard errors (NaN if any is NaN)."""
     return math.sqrt(sum((w * s) ** 2 for w, s in zip(weights, ses)))
 
 

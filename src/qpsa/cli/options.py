@@ -1,0 +1,81 @@
+"""What the commands share: the model argument, `--json`, console and JSON output, default output
+names, number checks and the results-path check (all before any heavy work)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qpsa.errors import QpsaError
+
+ModelArg = Annotated[str, typer.Argument(help="a bundled model name (see `q-psa models`) or a path to a .gguf file")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+TextOpt = Annotated[Optional[str], typer.Option(help="a UTF-8 text file to evaluate on (default: the default text)")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="a named dataset: wikitext-2 (downloaded once, cached)")]
+
+
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def model_stem(model: str) -> str:
+    """The short name in default output names: a bundled model's name, else the file's stem."""
+    from qpsa.sources.catalog import BUNDLED
+
+    return model if model in BUNDLED else Path(model).stem
+
+
+def check_positive(**values) -> None:
+    for name, v in values.items():
+        if v is not None and (v <= 0 or (isinstance(v, float) and not math.isfinite(v))):
+            raise QpsaError(f"--{name.replace('_', '-')} must be a positive number (got {v})")
+
+
+def check_text_choice(text: str | None, dataset: str | None) -> None:
+    if text and dataset:
+        raise QpsaError("give either --text or --dataset, not both")
+
+
+def results_path(out: str | None, default: str, model_path: Path) -> Path:
+    """Where a results JSON (and the CSV beside it) go: `out`, or `default` here. QpsaError, before
+    any work, for a folder, a .csv name, a missing or unwritable folder, or the model file itself."""
+    path = Path(out).expanduser() if out else Path(default)
+    if path.is_dir():
+        raise QpsaError(f"--out {path}: is a directory; give a file name such as {path / Path(default).name}")
+    if path.suffix.lower() == ".csv":
+        raise QpsaError(f"--out {path}: give the JSON file's name; the CSV is written beside it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QpsaError(f"--out {path}: the folder {parent} does not exist")
+    model_file = Path(model_path).resolve()
+    for p in (path, path.with_suffix(".csv")):
+        if p.resolve() == model_file:
+            raise QpsaError(f"--out {path}: would overwrite the model file {model_path}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        raise QpsaError(f"--out {path}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def results_folder(out: str | None, default: str) -> Path:
+    """A folder for a command's results: `out`, or `default` here; QpsaError if it is a file."""
+    path = Path(out).expanduser() if out else Path(default)
+    if path.exists() and not path.is_dir():
+        raise QpsaError(f"--out {path}: exists and is not a folder")
+    return path

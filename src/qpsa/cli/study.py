@@ -1,0 +1,48 @@
+"""`q-psa study`: the original Q-PSA experiment in one command.
+
+Registered in `qpsa.cli.app`; heavy imports happen inside the function so `q-psa --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from qpsa.cli.options import DatasetOpt, ModelArg, TextOpt, console, model_stem, results_folder
+from qpsa.errors import QpsaError
+
+
+def study(
+    model: ModelArg = "smollm2-135m",
+    out: Annotated[Optional[str], typer.Option(help="folder for results.md, JSON and plots (default study-MODEL)")] = None,
+    quick: Annotated[bool, typer.Option(help="smaller N, fewer tokens and K: a few minutes instead of ~20")] = False,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
+):
+    """The original Q-PSA experiment in one command: all methods, pruning and looping tables, agreement, plots."""
+    import dataclasses
+
+    from qpsa.experiments.study import StudyPlan, run_study
+    from qpsa.model.load import load_model
+    from qpsa.report.progress import ConsoleProgress
+    from qpsa.report.study_files import write_study
+    from qpsa.sources.texts import resolve_text
+
+    if seed < 0:
+        raise QpsaError(f"--seed must be zero or more (got {seed})")
+    out_dir = results_folder(out, f"study-{model_stem(model)}")
+    eval_text = resolve_text(text, dataset)
+    plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
+    loaded = load_model(model)
+    screen = console()
+    screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
+                 f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")
+    result = run_study(loaded, eval_text, plan, ConsoleProgress(), log=lambda line: screen.print(line))
+    written = write_study(result, out_dir)
+    from qpsa.report.tables import edit_report
+
+    edit_report(screen, result.prune)
+    edit_report(screen, result.loop)
+    screen.print(f"study finished in {result.seconds / 60:.1f} min; wrote " + ", ".join(str(p) for p in written))

@@ -1,0 +1,90 @@
+"""One model and text for `sensitivity` and `plan`: the measured span's windows (and the held-out
+span after it), the reference pass over them (made on first use), and the per-group measurements,
+checkpointed in the output folder as each group finishes so a run can resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qpsa.fsutil import write_atomic
+from qpsa.progress import SILENT, Progress
+
+
+class MeasurementSession:
+    """One model and text for sensitivity and plan: the measured span's windows, the reference
+    pass over them (made on first use), and the output folder."""
+
+    def __init__(self, model: str, text: str | None, dataset: str | None, ctx: int, chunks: int, out: Path,
+                 progress: Progress = SILENT, held_out: bool = False):
+        from qpsa.eval.perplexity import make_windows
+        from qpsa.model.load import load_model
+        from qpsa.sources.texts import resolve_text
+
+        self.out = out
+        self.text = resolve_text(text, dataset)
+        self.loaded = load_model(model)
+        self.ctx, self.chunks, self.progress = ctx, chunks, progress
+        windows = make_windows(self.loaded.tokenizer, self.text.text, ctx, 2 * chunks if held_out else chunks, None,
+                               self.loaded.config.context_length)
+        self.windows = _span(windows, 0, chunks)
+        self.held_out = _span(windows, chunks, 2 * chunks) if held_out else None
+        self._ref = None
+        self.measured = {}  # statistics by (group, exact types), shared across types
+
+    def header(self) -> dict:
+        return {"model": self.loaded.describe(),
+                "text": self.text.describe(), "ctx": self.ctx, "chunks": self.chunks,
+                "windows": f"windows 0..{self.chunks - 1} of {self.ctx} tokens (measured span)"}
+
+    def reference(self):
+        from qpsa.quant.sensitivity import Reference
+        if self._ref is None:
+            with self.progress.task("reference pass", self.windows.tokens.shape[0]) as advance:
+                self._ref = Reference(self.loaded.model, self.windows, advance)
+        return self._ref
+
+    def checkpoint(self, qtype, granularity) -> Path:
+        return self.out / f"sensitivity-{qtype.name}-{granularity}.json"
+
+    def sensitivity(self, qtype, granularity: str, resume: bool):
+        from qpsa.quant.sensitivity import quant_groups, row_from_dict, run_sensitivity
+        groups = quant_groups(self.loaded, granularity)
+        path = self.checkpoint(qtype, granularity)
+        done = {}
+        if resume and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                same = {k: saved.get(k) for k in ("model", "text", "ctx", "chunks", "type", "granularity")}
+                want = {**{k: v for k, v in self.header().items() if k != "windows"}, "type": qtype.name,
+                        "granularity": granularity}
+                if same == json.loads(json.dumps(want)):
+                    done = {r["group"]["name"]: row_from_dict(r) for r in saved["rows"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                done = {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        ref = self.reference()
+        rows = []
+
+        def checkpoint(row):
+            rows.append(row)
+            partial = {**self.header(), "type": qtype.name, "granularity": granularity, "complete": False,
+                       "rows": [r.to_dict() for r in list(done.values()) + rows]}
+            write_atomic(path, json.dumps(partial, indent=2, default=str) + "\n")
+
+        todo = len([g for g in groups if g.name not in done])
+        with self.progress.task(f"requantizing to {qtype.name}, one {granularity} at a time", todo) as advance:
+            def on_row(row):
+                checkpoint(row)
+                advance(f"{row.group.name}: KLD {row.stats.kld:.2e}")
+
+            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured)
+        result.granularity = granularity
+        return result
+
+
+def _span(windows, first: int, last: int):
+    from qpsa.eval.perplexity import Windows
+
+    return Windows(windows.tokens[first:last], windows.score_from,
+                   f"windows {first}..{last - 1} of {windows.tokens.shape[1]} tokens, second half scored")

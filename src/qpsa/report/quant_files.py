@@ -1,0 +1,27 @@
+"""The files `sensitivity` and `plan` write for each measured type: JSON, CSV and a plot."""
+
+from __future__ import annotations
+
+import json
+
+from qpsa.fsutil import write_atomic
+from qpsa.quant.sensitivity import SensitivityResult
+from qpsa.quant.session import MeasurementSession
+from qpsa.report.plots import quant_sensitivity_plot
+
+
+def write_sensitivity(session: MeasurementSession, result: SensitivityResult) -> list[str]:
+    """The sensitivity JSON (with the session's header; `complete`), a CSV row per group and the plot; their paths."""
+    path = session.out / f"sensitivity-{result.qtype}-{result.granularity}.json"
+    write_atomic(path, json.dumps({**session.header(), **result.to_dict(), "complete": True}, indent=2, default=str) + "\n")
+    csv_path = path.with_suffix(".csv")
+    lines = ["group,type,bytes,bytes_before,kld,kld_se,kld_p99,dnll,dnll_se,ppl,ppl_base,same_top"]
+    for r in result.rows:
+        s = r.stats
+        lines.append(f"{r.group.name},{r.qtype},{r.bytes},{r.bytes_before},{s.kld:.6g},{s.kld_se:.3g},"
+                     f"{s.kld_p99:.6g},{s.dnll:.6g},{s.dnll_se:.3g},{s.ppl:.6g},{s.ppl_base:.6g},{s.same_top:.6f}")
+    write_atomic(csv_path, "\n".join(lines) + "\n")
+    png = path.with_suffix(".png")
+    quant_sensitivity_plot(png, result, f"{session.loaded.path.name}: each {result.granularity} alone to {result.qtype} "
+                                        f"({result.n_tokens} tokens of {session.text.name})")
+    return [str(path), str(csv_path), str(png)]
