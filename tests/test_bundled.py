@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bundled_path
+from helpers.bundled import bundled_path
 
 from qpsa.eval.perplexity import make_windows, perplexity
 from qpsa.model.load import load_model

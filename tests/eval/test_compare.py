@@ -347,7 +347,7 @@ def test_type_requantizes_base_in_memory(capsys, tmp_path, prose):
 def test_kld_and_same_top_match_llama_cpp_on_smollm2(capsys, tmp_path, wikitext, llama_cpp):
     """q-psa's figures (both models through q-psa's engine) against llama.cpp's (both through
     llama.cpp, the same statistics function): mean KLD within 2 % relative, same top within 1 point."""
-    from conftest import WIKITEXT, bundled_path
+    from helpers.bundled import WIKITEXT, bundled_path
 
     from qpsa.gguf.read import open_gguf
     from qpsa.quant.requantize import choose_types, write_requantized

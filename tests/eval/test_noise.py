@@ -247,7 +247,7 @@ def _assert_user_error(code, err, needle):
 
 @pytest.mark.slow
 def test_smollm2_noise(capsys, tmp_path):
-    from conftest import bundled_path
+    from helpers.bundled import bundled_path
 
     path = bundled_path("smollm2-135m")
     code, stdout, err = run(capsys, "noise", path, "--chunks", 1, "--samples", 1, "--sigma", 0.1,

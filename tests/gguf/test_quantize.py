@@ -5,9 +5,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import bundled_path
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from helpers.bundled import bundled_path
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.quantize import QUANTIZE_TYPES, quantize

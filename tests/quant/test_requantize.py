@@ -235,7 +235,7 @@ def test_plan_cli_fits_the_budget_and_writes_a_recipe(capsys, tiny, tmp_path):
 def test_smollm2_requantized_like_llama_quantize(tmp_path, wikitext, llama_cpp, qtype):
     """q-psa's file and llama.cpp's own llama-quantize of SmolLM2: the same type for every tensor, and
     perplexities in llama.cpp within 1% (4 windows of 512 tokens of WikiText-2)."""
-    from conftest import bundled_path
+    from helpers.bundled import bundled_path
 
     from qpsa.quant.requantize import FILE_TYPES
     from qpsa.reference.llamacpp import LlamaCpp, llama_quantize
@@ -267,7 +267,7 @@ def test_smollm2_requantized_like_llama_quantize(tmp_path, wikitext, llama_cpp, 
 def test_smollm2_plan_beats_the_uniform_type_of_equal_or_larger_size(capsys, tmp_path, wikitext):
     """The issue's check: a plan at a budget has a lower measured mean KLD (held-out windows) than
     llama-quantize's uniform type whose file is at least as large."""
-    from conftest import bundled_path
+    from helpers.bundled import bundled_path
 
     text = tmp_path / "wiki.txt"
     text.write_text(wikitext[:200_000])

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import WIKITEXT, bundled_path
 from gguf import GGMLQuantizationType
+from helpers.bundled import WIKITEXT, bundled_path
 from helpers.tiny import write_tiny_gguf
 
 from qpsa.cli.app import main
