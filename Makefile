@@ -11,6 +11,9 @@ QPSA := $(PYTHON) -m qpsa
 setup:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[models,test]'
+	@# headless Chromium for tests/report/test_browser.py; where it cannot be installed those tests skip
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "chromium not installed: the browser tests (tests/report/test_browser.py) will skip"
 
 quickstart: setup
 	$(QPSA) models

@@ -7,13 +7,14 @@ before any model is loaded. See docs/compare.md.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, TextOpt, print_json
+from qpsa.cli.options import DatasetOpt, JsonOpt, TextOpt, print_json, results_path
 from qpsa.errors import QpsaError
 
 
@@ -39,6 +40,8 @@ def compare(
     base_logits: Annotated[Optional[str], typer.Option("--base-logits", help="read BASE's log-probs from this file "
                                                        "(written by --save-base, or by llama.cpp's "
                                                        "--kl-divergence-base) instead of running BASE")] = None,
+    out: Annotated[Optional[str], typer.Option(help="also write the results as JSON here, and an HTML report "
+                                                    "beside it (FILE.html)")] = None,
     as_json: JsonOpt = False,
 ):
     """KL divergence, Δp, same top token and PPL of OTHER against BASE (llama.cpp's --kl-divergence), and greedy answers."""
@@ -74,6 +77,7 @@ def compare(
         for source in (base_path, other_path):
             if source is not None:
                 check_output_path(save_base, source)
+    out_path = results_path(out, "compare.json", base_path) if out is not None else None
     base_file = BaseLogProbsFile.open(base_logits) if base_logits else None
     if base_file is not None:
         ctx, chunks = ctx or base_file.ctx, chunks or base_file.n_chunk
@@ -161,16 +165,23 @@ def compare(
     timings = {"load_base_s": loaded_base.load_seconds, "load_other_s": loaded_other.load_seconds,
                "base_windows_s": run.base_seconds, "other_windows_s": run.other_seconds,
                "generation_s": gen_seconds, "total_s": time.perf_counter() - start}
+    result = {"base": base_info, "other": other_info, "text": eval_text.describe(), "ctx": run.ctx,
+              "chunks": run.n_windows, "windows": windows.description, "n_scored": run.n_scored,
+              "base_logits": {"read_from": str(base_file.path) if base_file else None,
+                              "saved_to": str(save_base) if save_base else None},
+              "statistics": run.stats.to_dict(), "running": run.running,
+              "generations": {"format": fmt, "max_new_tokens": max_new_tokens,
+                              "prompts": [a.to_dict() for a in answers]},
+              "timings": timings}
+    written = []
+    if out_path is not None:
+        from qpsa.fsutil import write_atomic
+        from qpsa.report.html import write_report_beside
+
+        write_atomic(out_path, json.dumps(result, indent=2, default=str) + "\n")
+        written = [str(out_path), str(write_report_beside(out_path))]
     if as_json:
-        out = {"base": base_info, "other": other_info, "text": eval_text.describe(), "ctx": run.ctx,
-               "chunks": run.n_windows, "windows": windows.description, "n_scored": run.n_scored,
-               "base_logits": {"read_from": str(base_file.path) if base_file else None,
-                               "saved_to": str(save_base) if save_base else None},
-               "statistics": run.stats.to_dict(), "running": run.running,
-               "generations": {"format": fmt, "max_new_tokens": max_new_tokens,
-                               "prompts": [a.to_dict() for a in answers]},
-               "timings": timings}
-        print_json(out)
+        print_json({**result, "files": written} if written else result)
         return
     from qpsa.report.compare_tables import compare_report, generation_report
 
@@ -180,5 +191,7 @@ def compare(
     if save_base:
         size = Path(save_base).stat().st_size
         console.print(f"saved the base's log-probs to {save_base} ({size / 2**20:.1f} MiB)")
+    if written:
+        console.print("wrote " + ", ".join(written))
     console.print(f"base {timings['base_windows_s']:.1f} s, other {timings['other_windows_s']:.1f} s over "
                   f"{run.n_windows} windows; generations {gen_seconds:.1f} s; total {timings['total_s']:.1f} s")

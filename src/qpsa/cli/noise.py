@@ -80,6 +80,7 @@ def noise(
 def _write(report, out_dir: Path) -> list[str]:
     """noise.json (atomically) and noise.png in `out_dir`; their paths."""
     from qpsa.fsutil import write_atomic
+    from qpsa.report.html import write_report_beside
     from qpsa.report.noise_plots import perturbation_by_depth
 
     json_path, png_path = out_dir / "noise.json", out_dir / "noise.png"
@@ -91,6 +92,7 @@ def _write(report, out_dir: Path) -> list[str]:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(report.to_dict(), indent=1))
         perturbation_by_depth(png_path, curves, f"Embedding noise through the layers, {Path(report.model['path']).name}")
+        files.append(str(write_report_beside(json_path)))
     except OSError as e:
         raise QpsaError(f"--out {out_dir}: cannot write: {e.strerror or e}") from None
     return files

@@ -160,6 +160,7 @@ def plan(
     from qpsa.gguf.write import check_output_path
     from qpsa.quant.plan import make_plan
     from qpsa.quant.requantize import qtype_named
+    from qpsa.report.html import write_report_beside
     from qpsa.report.quant_files import write_sensitivity
 
     qtypes = [qtype_named(t) for t in (types or DEFAULT_PLAN_TYPES)]
@@ -171,6 +172,7 @@ def plan(
     result = make_plan(session, qtypes, target_bpw, granularity, resume,
                        measured=lambda r: write_sensitivity(session, r))
     files = result.write(session.out, output, session.progress)
+    files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:
         return print_json({**session.header(), **result.to_dict(), "files": files})
     from qpsa.report.quant_tables import plan_report

@@ -45,4 +45,5 @@ def study(
 
     edit_report(screen, result.prune)
     edit_report(screen, result.loop)
-    screen.print(f"study finished in {result.seconds / 60:.1f} min; wrote " + ", ".join(str(p) for p in written))
+    screen.print(f"study finished in {result.seconds / 60:.1f} min; wrote " + ", ".join(str(p) for p in written[:-1]))
+    screen.print(f"report: {written[-1]}")

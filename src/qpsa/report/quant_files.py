@@ -7,6 +7,7 @@ import json
 from qpsa.fsutil import write_atomic
 from qpsa.quant.sensitivity import SensitivityResult
 from qpsa.quant.session import MeasurementSession
+from qpsa.report.html import write_report_beside
 from qpsa.report.plots import quant_sensitivity_plot
 
 
@@ -24,4 +25,4 @@ def write_sensitivity(session: MeasurementSession, result: SensitivityResult) ->
     png = path.with_suffix(".png")
     quant_sensitivity_plot(png, result, f"{session.loaded.path.name}: each {result.granularity} alone to {result.qtype} "
                                         f"({result.n_tokens} tokens of {session.text.name})")
-    return [str(path), str(csv_path), str(png)]
+    return [str(path), str(csv_path), str(png), str(write_report_beside(path))]

@@ -11,11 +11,13 @@ from qpsa.edits.pruning import EditReport
 from qpsa.experiments.study import StudyResult
 from qpsa.fsutil import write_atomic
 from qpsa.report import plots
+from qpsa.report.html import write_report_beside
 from qpsa.scores.results import ScoreRun
 
 
 def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
-    """results.md, study.json, scores.json/.csv (readable by prune/loop), and four PNG plots."""
+    """results.md, study.json, scores.json/.csv (readable by prune/loop), four PNG plots and report.html
+    (the report comes last: the list's last path)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(result.model["name"]).name
     write_atomic(out_dir / "study.json", json.dumps(result.to_dict(), indent=1))
@@ -30,8 +32,9 @@ def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
     matrix = [[1.0 if a == b else rho.get((a, b), rho.get((b, a), math.nan)) for b in names] for a in names]
     plots.agreement_heatmap(out_dir / "agreement.png", names, matrix, f"Rank agreement, {name}")
     write_atomic(out_dir / "results.md", results_markdown(result))
+    report = write_report_beside(out_dir / "study.json")
     return [out_dir / f for f in ("results.md", "study.json", "scores.json", "scores.png", "prune.png", "loop.png",
-                                  "agreement.png")]
+                                  "agreement.png")] + [report]
 
 
 def _qpsa_setup(q: dict) -> str:
