@@ -6,7 +6,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from qpsa.gguf.dequant import _FUNCTIONS, dequantize
+from qpsa.gguf.quants import dequantize
 
 SCALE_OFFSETS = {  # byte offsets of float16 scales, set to finite values so NaN never hides a mismatch
     Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2],
@@ -23,7 +23,7 @@ def random_blocks(qtype, n_blocks, rng):
     return blocks
 
 
-@pytest.mark.parametrize("qtype", sorted(_FUNCTIONS, key=lambda q: q.name), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", sorted(SCALE_OFFSETS, key=lambda q: q.name), ids=lambda q: q.name)
 def test_fast_dequantize_equals_gguf(qtype):
     rng = np.random.default_rng(int(qtype))
     blocks = random_blocks(qtype, 257, rng)

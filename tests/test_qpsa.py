@@ -21,7 +21,7 @@ from tiny import PROSE, write_tiny_gguf
 
 from qpsa.data.texts import EvalText
 from qpsa.errors import QpsaError
-from qpsa.gguf.dequant import dequantize
+from qpsa.gguf.quants import dequantize
 from qpsa.gguf.read import GGUFTensor
 from qpsa.model.load import load_model
 from qpsa.model.transformer import Transformer

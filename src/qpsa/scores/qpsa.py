@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.gguf.dequant import dequantize
+from qpsa.gguf.quants import dequantize
 from qpsa.scores.base import EvalTokens, LayerScores, LayerStates
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
