@@ -27,7 +27,10 @@ layout in its docstring, and four methods that all read that layout:
 The per-family modules are tables of types, longer than the other modules: split a family only
 if it grows (the searches would be the first to leave kquants.py). Shared steps within a family
 (Q4_0/Q5_0's quantizer, Q4_K/Q5_K's scale bytes) are module functions next to the classes that
-call them; whatever more than one family uses is in common.py.
+call them; whatever more than one family uses is in common.py. The base class keeps the name
+`QuantGrid`: callers know a type by its grid (`grid_for`, `GGUFTensor.grid()`), and its quantizer
+and dequantizer are the ways onto and off that grid. `GRIDS` holds one instance per type, keyed by
+its `GGMLQuantizationType`.
 
 **The grid.** Weights within a block come in the order gguf's dequantizer returns them, so
 `codes[b, i]` belongs to `dequantize_blocks(qtype, blocks)[b * block_size + i]`. `step` is how much
@@ -45,7 +48,7 @@ the bytes are the same as ggml's: sums that C accumulates one term at a time are
 term at a time here (numpy's own sum pairs terms up and rounds differently); nearest_int is ggml's
 add-1.5*2**23 trick (round half to even); C's float -> integer conversions are truncations that
 give INT_MIN for NaN and out-of-range values, as on x86. Scales go to float16 with numpy's
-round-to-nearest-even, as ggml's conversion does. tests/test_quantize.py compares every type with
+round-to-nearest-even, as ggml's conversion does. test_quantize.py compares every type with
 ggml's own quantizer byte for byte. Blocks are independent, so `quantize` hands a tensor to
 `quantize_blocks` in chunks of 2**18 weights, which keeps the temporaries to tens of MB and mostly
 in cache (2.5x faster than chunks of 2**20).
@@ -62,13 +65,15 @@ Adding a quant type
 1. Write one class in the module of its family (or a new module for a new family), subclassing
    `QuantGrid`: set `qtype` and the code range `code_min`, `code_max`; describe the block layout
    byte by byte in its docstring; implement `decode`, `encode`, `quantize_blocks` (ggml's
-   quantize_row_<type>_ref, in ggml's float32 order, with the helpers in common.py) and
-   `dequantize_torch` (or `dequantize_torch = QuantGrid.dequantize_with_gguf` until there is one).
-2. Add one instance to `GRIDS` below. It is then found by `grid_for`, `quantize` (QUANTIZE_TYPES is
-   the registry's types) and `dequantize`.
-3. tests/test_quants.py checks that the class has all four methods and the block size and type size
-   of `gguf.GGML_QUANT_SIZES`, and round-trips its grid; add the type to its lists there, and to
-   tests/test_quantize.py's (byte for byte against ggml) and tests/test_dequant.py's (bit for bit
+   quantize_row_<type>_ref, in ggml's float32 order, with the helpers in common.py; leave it out
+   only for a type ggml quantizes only with an importance matrix) and `dequantize_torch` (or
+   `dequantize_torch = QuantGrid.dequantize_with_gguf` until there is one).
+2. Add one instance to `GRIDS` below. `grid_for`, `quantize` (QUANTIZE_TYPES: the types with a
+   quantizer) and `dequantize` then find it.
+3. test_quants.py fails until the class has all four methods (a type without a ggml quantizer goes
+   in its NO_GGML_QUANTIZER), is registered, and reads and writes blocks of the sizes in
+   `gguf.GGML_QUANT_SIZES`. Add the type to the type lists of test_quants.py (grid round trips),
+   test_quantize.py (byte for byte against ggml) and test_dequant.py's SCALE_OFFSETS (bit for bit
    against gguf).
 """
 
@@ -95,7 +100,8 @@ GRIDS: dict[GGMLQuantizationType, QuantGrid] = {
         Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K(),
     )
 }
-QUANTIZE_TYPES = tuple(GRIDS)  # every registered type has a quantizer
+# The types whose class has a quantizer: all of them, as ggml quantizes each without an importance matrix.
+QUANTIZE_TYPES = tuple(q for q, grid in GRIDS.items() if type(grid).quantize_blocks is not QuantGrid.quantize_blocks)
 
 _CHUNK_WEIGHTS = 1 << 18  # weights per pass: the K-quants hold ~30 float32 copies of a chunk; 1 MiB arrays stay in cache
 
