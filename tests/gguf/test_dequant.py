@@ -1,4 +1,4 @@
-"""q-psa's torch dequantizers equal the gguf package's, bit for bit, on random blocks of every type."""
+"""qpsa.gguf.quants.dequantize equals the gguf package's dequantizer, bit for bit, on random blocks of every type."""
 
 import numpy as np
 import pytest
@@ -7,12 +7,14 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from qpsa.gguf.dequant import _FUNCTIONS, dequantize
+from qpsa.gguf.quants import GRIDS, dequantize
 
 SCALE_OFFSETS = {  # byte offsets of float16 scales, set to finite values so NaN never hides a mismatch
     Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2],
-    Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
 }
+FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
+QUANT_TYPES = sorted((q for q in GRIDS if q not in FLOAT_TYPES), key=lambda q: q.name)  # every registered quant type
 
 
 def random_blocks(qtype, n_blocks, rng):
@@ -24,7 +26,7 @@ def random_blocks(qtype, n_blocks, rng):
     return blocks
 
 
-@pytest.mark.parametrize("qtype", sorted(_FUNCTIONS, key=lambda q: q.name), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
 def test_fast_dequantize_equals_gguf(qtype):
     rng = np.random.default_rng(int(qtype))
     blocks = random_blocks(qtype, 257, rng)
@@ -34,7 +36,7 @@ def test_fast_dequantize_equals_gguf(qtype):
     assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda q: q.name)
 def test_float_types_equal_gguf(qtype):
     rng = np.random.default_rng(0)
     values = rng.normal(size=64).astype(np.float32)
@@ -54,3 +56,12 @@ def test_type_without_fast_path_falls_back_to_gguf():
     blocks[:, -2:] = np.array([0.02], dtype=np.float16).view(np.uint8)  # dmin
     ours = dequantize(blocks.reshape(-1), Q.Q2_K, (3, 256))
     assert torch.equal(ours, torch.from_numpy(gguf_dequantize(blocks, Q.Q2_K).astype(np.float32)))
+
+
+def test_type_without_a_class_falls_back_to_gguf():
+    assert Q.IQ4_NL not in GRIDS
+    rng = np.random.default_rng(2)
+    blocks = rng.integers(0, 256, size=(3, GGML_QUANT_SIZES[Q.IQ4_NL][1]), dtype=np.uint8)
+    blocks[:, :2] = np.array([0.01], dtype=np.float16).view(np.uint8)  # d
+    ours = dequantize(blocks.reshape(-1), Q.IQ4_NL, (3, 32))
+    assert torch.equal(ours, torch.from_numpy(gguf_dequantize(blocks, Q.IQ4_NL).astype(np.float32)))

@@ -1,4 +1,4 @@
-"""qpsa.gguf.quantize: byte for byte against llama.cpp's C quantizers and gguf-py, error bounds through gguf's dequantizer."""
+"""qpsa.gguf.quants.quantize: byte for byte against llama.cpp's C quantizers and gguf-py, error bounds through gguf's dequantizer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from gguf import GGMLQuantizationType as T
 from helpers.bundled import bundled_path
 
 from qpsa.errors import QpsaError
-from qpsa.gguf.quantize import QUANTIZE_TYPES, quantize
-from qpsa.gguf.quants import grid_for
+from qpsa.gguf.quants import QUANTIZE_TYPES, grid_for, quantize
 
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
 SIMPLE_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]

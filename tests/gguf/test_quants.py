@@ -1,18 +1,21 @@
-"""qpsa.gguf.quants: codes and steps checked against gguf's own dequantizer."""
+"""qpsa.gguf.quants: the registry of types, and codes and steps checked against gguf's own dequantizer."""
 
 from __future__ import annotations
 
 import importlib.util
+import pkgutil
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+import qpsa.gguf.quants
 from qpsa.errors import QpsaError
-from qpsa.gguf.quants import GRIDS, dequantize_blocks, grid_for
+from qpsa.gguf.quants import GRIDS, QUANTIZE_TYPES, QuantGrid, dequantize_blocks, grid_for
 
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]
@@ -58,13 +61,58 @@ def rng():
     return np.random.default_rng(1234)
 
 
-def test_registry_matches_gguf_sizes():
+# --- the registry ----------------------------------------------------------------------------
+
+PARTS = ("decode", "encode", "quantize_blocks", "dequantize_torch")  # grid, grid, quantizer, dequantizer
+# Types ggml quantizes only with an importance matrix: registered without quantize_blocks. None yet.
+NO_GGML_QUANTIZER: set = set()
+
+
+def test_registry_matches_gguf_sizes(rng):
+    """Every registered type is found by grid_for, and its class reads and writes blocks of gguf's
+    GGML_QUANT_SIZES: block_size weights in type_size bytes, in all four methods."""
     assert set(GRIDS) == set(ALL_TYPES)
+    assert set(QUANTIZE_TYPES) == set(GRIDS) - NO_GGML_QUANTIZER
     for qtype, grid in GRIDS.items():
         assert grid.qtype == qtype
-        assert (grid.block_size, grid.type_size) == GGML_QUANT_SIZES[qtype]
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        assert (grid.block_size, grid.type_size) == (block_size, type_size)
         assert grid_for(qtype) is grid
         assert grid_for(int(qtype)) is grid
+        blocks = make_blocks(qtype, 3, rng)
+        assert blocks.shape == (3, type_size)
+        codes, step = grid.decode(blocks)
+        assert codes.shape == step.shape == (3, block_size), qtype.name
+        assert grid.encode(codes, blocks).shape == (3, type_size), qtype.name
+        assert grid.dequantize_torch(torch.from_numpy(blocks)).shape == (3, block_size), qtype.name
+        if qtype in QUANTIZE_TYPES:
+            x = rng.standard_normal((3, block_size)).astype(np.float32)
+            assert grid.quantize_blocks(x).shape == (3, type_size), qtype.name
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_every_type_has_all_parts(qtype):
+    """A registered type's class implements the grid (decode, encode), the quantizer (unless ggml needs an
+    importance matrix for it) and the dequantizer itself, not QuantGrid's NotImplementedError."""
+    cls = type(GRIDS[qtype])
+    for part in PARTS:
+        if part == "quantize_blocks" and qtype in NO_GGML_QUANTIZER:
+            continue
+        assert getattr(cls, part) is not getattr(QuantGrid, part), f"{cls.__name__} has no {part}"
+
+
+def test_every_class_is_registered():
+    """Every concrete QuantGrid subclass in qpsa.gguf.quants (one with a qtype) is in GRIDS, under its qtype."""
+    for module in pkgutil.iter_modules(qpsa.gguf.quants.__path__):
+        __import__(f"qpsa.gguf.quants.{module.name}")
+    classes, todo = [], [QuantGrid]
+    while todo:
+        subclasses = todo.pop().__subclasses__()
+        classes += [c for c in subclasses if c.__module__.startswith("qpsa.gguf.quants") and hasattr(c, "qtype")]
+        todo += subclasses
+    assert sorted(c.__name__ for c in classes) == sorted(type(g).__name__ for g in GRIDS.values())
+    for cls in classes:
+        assert type(GRIDS[cls.qtype]) is cls
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

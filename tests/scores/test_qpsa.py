@@ -20,7 +20,7 @@ from helpers.cli_run import run as _run
 from helpers.tiny import PROSE, write_tiny_gguf
 
 from qpsa.errors import QpsaError
-from qpsa.gguf.dequant import dequantize
+from qpsa.gguf.quants import dequantize
 from qpsa.gguf.read import GGUFTensor
 from qpsa.model.layers import parse_layers
 from qpsa.model.load import load_model

@@ -63,7 +63,7 @@ class GGUFTensor:
 
     def to_torch(self) -> torch.Tensor:
         """The same values as `dequantize()`, computed by q-psa's faster torch dequantizers."""
-        from qpsa.gguf.dequant import dequantize as fast_dequantize
+        from qpsa.gguf.quants import dequantize as fast_dequantize
 
         return fast_dequantize(self.raw, self.qtype, self.shape)
 

@@ -197,7 +197,7 @@ def _measure(ref: Reference, loaded, choices: list[TensorChoice], label: str) ->
     """The model with every tensor in its chosen type, against the unmodified one on `ref`'s windows."""
     import numpy as np
 
-    from qpsa.gguf.dequant import dequantize
+    from qpsa.gguf.quants import dequantize
 
     changed = [c for c in choices if c.target != c.source]
     values = {}

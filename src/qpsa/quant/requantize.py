@@ -191,7 +191,7 @@ def requantized_tensors(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
     """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes."""
-    from qpsa.gguf.quantize import quantize
+    from qpsa.gguf.quants import quantize
 
     for c in choices:
         t = gguf_file.tensors[c.name]
@@ -233,7 +233,7 @@ def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
 def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress, **options):
     """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options);
     same config and tokenizer, nothing written to disk. `.name` says what was done."""
-    from qpsa.gguf.dequant import dequantize
+    from qpsa.gguf.quants import dequantize
     from qpsa.model.transformer import Transformer
 
     start = time.perf_counter()

@@ -109,8 +109,7 @@ def fitted_type(row: int, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
 def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> tuple[dict[str, torch.Tensor], dict]:
     """The group's weights requantized to qtype (fallback types where rows do not fit): new
     float32 values by tensor name, and {"bytes", "bytes_before", "types"} of the group."""
-    from qpsa.gguf.dequant import dequantize
-    from qpsa.gguf.quantize import quantize
+    from qpsa.gguf.quants import dequantize, quantize
 
     values, n_bytes, n_before, types = {}, 0, 0, {}
     for name in group.tensors:

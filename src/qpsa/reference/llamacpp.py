@@ -3,7 +3,7 @@
 Used by tests and benchmarks to check q-psa against llama.cpp on the same file and text:
 token ids, and perplexity computed with llama-perplexity's own protocol (only the scored half of
 each window asks for logits, BOS replaces each window's first token where the vocabulary adds it);
-and `ggml_quantize`, ggml's own quantizer, to check `qpsa.gguf.quantize` byte for byte.
+and `ggml_quantize`, ggml's own quantizer, to check `qpsa.gguf.quants.quantize` byte for byte.
 """
 
 from __future__ import annotations

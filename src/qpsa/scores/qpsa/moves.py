@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qpsa.errors import QpsaError
-from qpsa.gguf.dequant import dequantize
+from qpsa.gguf.quants import dequantize
 from qpsa.scores.qpsa.settings import LAYER, MATRICES, STREAMS, QpsaSettings
 
 # ---- perturbations ----------------------------------------------------------------------------
