@@ -246,7 +246,7 @@ def _read_dat(path: Path) -> Imatrix:
 
     n_entries = i32("the entry count")
     if n_entries < 1 or n_entries > len(data) // 12:
-        raise QpsaError(f"{path}: not an imatrix file (GGUF or legacy .dat): {n_entries} entries")
+        raise QpsaError(f"{path}: not an imatrix file (GGUF or legacy .dat): entry count {n_entries}")
     in_sum2, counts = {}, {}
     for k in range(n_entries):
         try:
