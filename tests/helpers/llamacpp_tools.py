@@ -32,6 +32,7 @@ def requires(*names: str):
 
 def run_tool(name: str, *args, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
     """Run a tool; a failure shows its exit code and the end of its output."""
-    proc = subprocess.run([str(tool(name)), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = subprocess.run([str(tool(name)), *map(str, args)], check=False, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
     return proc

@@ -4,22 +4,31 @@ against the model (docs/quantization.md)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_positive, check_text_choice, console, print_json
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    TextOpt,
+    check_positive,
+    check_text_choice,
+    console,
+    print_json,
+)
 from qpsa.errors import QpsaError
 
 
 def imatrix(
     model: ModelArg,
-    output: Annotated[Optional[str], typer.Option(help="the imatrix file to write: GGUF, or llama.cpp's legacy format for a .dat name")] = None,
+    output: Annotated[str | None, typer.Option(help="the imatrix file to write: GGUF, or llama.cpp's legacy format for a .dat name")] = None,
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     ctx: Annotated[int, typer.Option(help="window size in tokens (llama-imatrix's -c)")] = 512,
-    chunks: Annotated[Optional[int], typer.Option(help="at most this many windows (default: every whole window)")] = None,
-    show: Annotated[Optional[str], typer.Option(help="instead: read this imatrix (GGUF or .dat), check it against the model, show it")] = None,
+    chunks: Annotated[int | None, typer.Option(help="at most this many windows (default: every whole window)")] = None,
+    show: Annotated[str | None, typer.Option(help="instead: read this imatrix (GGUF or .dat), check it against the model, show it")] = None,
     as_json: JsonOpt = False,
 ):
     """Sum of squared input activations per column of every layer matrix, as llama-imatrix computes it."""
