@@ -191,6 +191,11 @@ def test_command_writes_and_shows(tiny, tmp_path, capsys, one_thread):
     assert "blk." in stdout and "matches the model" in stdout
 
 
+def test_command_help(capsys):
+    code, out, _ = cli(capsys, "imatrix", "--help")
+    assert code == 0 and "--output" in out and "--show" in out and "--chunks" in out
+
+
 def test_command_refuses_bad_input(tiny, tmp_path, capsys):
     text = tmp_path / "prose.txt"
     text.write_text(PROSE)
