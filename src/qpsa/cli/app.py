@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from qpsa.cli import baseline, compare, edits, model, noise, quant, report, score, study
+from qpsa.cli import baseline, compare, edits, imatrix, model, noise, quant, report, score, study
 from qpsa.errors import QpsaError
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command()(noise.noise)
 app.command()(quant.requantize)
 app.command()(quant.sensitivity)
 app.command()(quant.plan)
+app.command()(imatrix.imatrix)
 app.command()(report.report)
 
 # Options that take several values: `--k 1 2 4` is read as `--k 1 --k 2 --k 4`.

@@ -68,3 +68,23 @@ def plan_report(console: Console, r) -> None:
                       f"{s.dppl:+.3f} ± {s.ppl * s.dnll_se:.3f}", f"{100 * s.same_top:.1f}%")
     console.print(check)
     console.print(f"unmodified PPL {r.plan.stats.ppl_base:.4f} on the held-out span; plan made in {r.seconds:.0f} s")
+
+
+def imatrix_report(console: Console, r: dict) -> None:
+    """The tensors with the largest mean in_sum2/count, then what was written (or read)."""
+    im = r["imatrix"]
+    table = Table(title=f"Importance matrix: the {len(im['top'])} tensors with the largest mean Σx²/count "
+                        f"(of {im['tensors']})")
+    for col in ("rank", "tensor", "mean Σx²/count"):
+        table.add_column(col, justify="left" if col == "tensor" else "right", no_wrap=True)
+    for k, t in enumerate(im["top"], 1):
+        table.add_row(str(k), t["tensor"], f"{t['mean_in_sum2']:.4g}")
+    console.print(table)
+    counts = ", ".join(f"{c:,}" for c in im["counts"])
+    unit = "chunks (legacy .dat)" if im["legacy"] else "rows"
+    console.print(f"{im['chunk_count']} chunks of {im['chunk_size']} tokens; counts {counts} {unit}; "
+                  f"datasets {', '.join(im['datasets']) or '-'}")
+    if r.get("output"):
+        console.print(f"wrote {r['output']} ({r['format']}) in {r['seconds']:.1f} s")
+    else:
+        console.print(f"read {r['input']}: matches the model's tensor names and sizes")
