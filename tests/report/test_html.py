@@ -7,6 +7,7 @@ import html
 import json
 import re
 import shlex
+import shutil
 
 import pytest
 from helpers.cli_run import assert_user_error, run
@@ -114,6 +115,17 @@ def test_plan_page_has_the_chart_the_recipe_and_the_command(results, tmp_path):
     # plan.json names no model: the header takes it from the sensitivity files beside it
     sens = json.loads(next(results["plan"].glob("sensitivity-*.json")).read_text())
     assert sens["model"]["sha256"] in text
+
+
+def test_plan_page_draws_measured_presets_beside_uniform_types(results, tmp_path):
+    """A plan.json with llama-quantize's presets measured (a "presets" list shaped as "uniform")."""
+    folder = tmp_path / "plan"
+    shutil.copytree(results["plan"], folder)
+    d = json.loads((folder / "plan.json").read_text())
+    preset = {**d["uniform"][0], "label": "Q4_K_M", "kld": 0.012345, "kld_se": 0.000678}
+    (folder / "plan.json").write_text(json.dumps({**d, "presets": [preset]}))
+    doc = write_report([folder], tmp_path / "p.html").read_text()
+    assert "llama-quantize presets" in doc and "Q4_K_M" in text_of(doc) and pm(0.012345, 0.000678) in text_of(doc)
 
 
 def test_compare_page_has_the_statistics_and_the_answers_marked(results, tmp_path):

@@ -66,13 +66,15 @@ def tensor_heatmap(rows: list[dict], title: str) -> str | None:
 
 def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
     d = r.data
-    plan, uniform = d["plan"], d["uniform"]
+    plan, uniform, presets = d["plan"], d["uniform"], d.get("presets", [])
     held = (f"Checked on held-out text (the windows after the measured ones, {num(plan.get('n_tokens'))} scored "
             "tokens) against the unmodified model, beside llama-quantize's uniform types of the nearest sizes above "
             "and below.")
     groups = [("plan (chosen recipe)", "*", [_point(plan, "plan")])]
     if uniform:
         groups.append(("uniform types", "o", [_point(u, u["label"].replace("uniform ", "")) for u in uniform]))
+    if presets:  # llama-quantize's mixtures (Q4_K_M, …), measured as the uniform types are
+        groups.append(("llama-quantize presets", "s", [_point(p, p["label"]) for p in presets]))
     chart = charts.points(f"KLD against size: the plan at {num(d['target_bpw'])} bits/weight", "bits per weight",
                           "KLD (nats/token, held-out)", groups)
     trows = [[cell(m["label"]), value_cell(m["bits_per_weight"], spec=".4f"), cell(size(m["bytes"]), m["bytes"]),
@@ -80,7 +82,7 @@ def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
               value_cell(m.get("predicted_kld"), m.get("predicted_kld_se"),
                          what="sum of the chosen groups' KLDs measured alone"),
               value_cell(m["dnll"], m["dnll_se"]), value_cell(m["ppl"], what=f"base PPL {num(m.get('ppl_base'))}"),
-              pct_cell(m["same_top"], m["same_top_se"])] for m in [plan, *uniform]]
+              pct_cell(m["same_top"], m["same_top_se"])] for m in [plan, *uniform, *presets]]
     summary = (f"<p>Target {num(d['target_bpw'])} bits per weight; the plan reaches "
                f"<b>{num(plan['bits_per_weight'], '.4f')}</b> ({size(plan['bytes'])}), held-out KLD "
                f"<b>{pm(plan['kld'], plan['kld_se'])}</b> nats/token (predicted "
