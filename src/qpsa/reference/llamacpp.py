@@ -164,18 +164,19 @@ def _ggml_base():
     return _GGML_BASE
 
 
-def ggml_quantize(values: np.ndarray, qtype) -> np.ndarray:
-    """ggml's own quantizer, as llama-quantize runs it on a tensor without an importance matrix.
+def ggml_quantize(values: np.ndarray, qtype, weights: np.ndarray | None = None) -> np.ndarray:
+    """ggml's own quantizer, as llama-quantize runs it on a tensor (one expert's matrix).
 
     values: float32 (..., n), n a multiple of the type's block size -> uint8 (..., n // block_size * type_size),
-    from ggml_quantize_chunk(qtype, values, ..., imatrix=NULL) in llama-cpp-python's libggml-base.so.
+    from ggml_quantize_chunk(qtype, values, ..., imatrix) in llama-cpp-python's libggml-base.so, with
+    imatrix = `weights` (float32 (n,), one importance per column: llama-quantize's in_sum2 / count) or NULL.
     ggml aborts the process on arguments it rejects, so they are checked here first.
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     qtype = GGMLQuantizationType(qtype)
     lib = _ggml_base()
-    if lib.ggml_quantize_requires_imatrix(int(qtype)):
+    if weights is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
         raise QpsaError(f"ggml cannot quantize to {qtype.name} without an importance matrix")
     values = np.ascontiguousarray(values, dtype=np.float32)
     if values.ndim == 0:
@@ -185,9 +186,14 @@ def ggml_quantize(values: np.ndarray, qtype) -> np.ndarray:
     if n_per_row % block_size:
         raise QpsaError(f"{qtype.name}: row length {n_per_row} is not a multiple of the block size {block_size}")
     n_rows = values.size // n_per_row if n_per_row else 0
+    if weights is not None:
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if weights.shape != (n_per_row,):
+            raise QpsaError(f"ggml_quantize: weights must have shape ({n_per_row},), got {weights.shape}")
+    imatrix = None if weights is None else weights.ctypes.data
     out = np.empty((n_rows, n_per_row // block_size * type_size), dtype=np.uint8)
     if out.size:
-        written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+        written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, imatrix)
         if written != out.size:
             raise QpsaError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.size}")
     return out.reshape(*values.shape[:-1], out.shape[1])

@@ -7,6 +7,7 @@
     # dequantize_blocks(Q4_K, new_blocks)[5] == dequantize_blocks(Q4_K, blocks)[5] + step[0, 5]
 
     blocks = quantize(values, GGMLQuantizationType.Q4_K)  # float32 (..., n) -> uint8 (..., n // 256 * 144)
+    blocks = quantize(values, GGMLQuantizationType.Q4_K, weights)  # with an importance matrix: weights (n,)
     weights = dequantize(raw, GGMLQuantizationType.Q4_K, shape)  # raw bytes -> float32 torch.Tensor
 
 One class per type, as gguf-py keeps a type in one class (`class Q4_K(__Quant, ...)`): the block
@@ -14,18 +15,19 @@ layout in its docstring, and four methods that all read that layout:
 
     decode(blocks) -> (codes, step)       the grid: integer code and step of every weight (numpy)
     encode(codes, blocks) -> blocks       codes written back, every scale and min byte kept
-    quantize_blocks(x) -> blocks          ggml's quantizer without importance matrix (numpy)
+    quantize_blocks(x, weights) -> blocks ggml's quantizer, with or without importance matrix (numpy)
     dequantize_torch(b) -> values         the exact dequantizer (torch)
 
     common.py    the `QuantGrid` base class, bit packing, ggml's float32 arithmetic
     floats.py    F32, F16, BF16
     legacy.py    Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32-weight blocks)
-    kquants.py   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks), and the scale searches
-                 (ggml's make_qkx2_quants, make_qx_quants, make_q3_quants) only they use
+    kquants.py   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks)
+    searches.py  ggml's scale searches (make_qx_quants, make_q3_quants, make_qkx2/3_quants, make_qp_quants),
+                 which the K-quants run, and the legacy types with an importance matrix
     __init__.py  the registry `GRIDS` and the entry points
 
 The per-family modules are tables of types, longer than the other modules: split a family only
-if it grows (the searches would be the first to leave kquants.py). Shared steps within a family
+if it grows. Shared steps within a family
 (Q4_0/Q5_0's quantizer, Q4_K/Q5_K's scale bytes) are module functions next to the classes that
 call them; whatever more than one family uses is in common.py. The base class keeps the name
 `QuantGrid`: callers know a type by its grid (`grid_for`, `GGUFTensor.grid()`), and its quantizer
@@ -52,6 +54,14 @@ round-to-nearest-even, as ggml's conversion does. test_quantize.py compares ever
 ggml's own quantizer byte for byte. Blocks are independent, so `quantize` hands a tensor to
 `quantize_blocks` in chunks of 2**18 weights, which keeps the temporaries to tens of MB and mostly
 in cache (2.5x faster than chunks of 2**20).
+
+**With an importance matrix** (`weights`: one float32 per column of a row, llama-quantize's
+in_sum2 / count of the matrix, or of one expert's slice) the quantizers follow what
+ggml_quantize_chunk(..., imatrix) runs instead: quantize_<type> -> quantize_row_<type>_impl, another
+search for most types (each family's module docstring says which), byte-identical to ggml as well
+(test_weighted_quantize.py). Q8_0 and the float types ignore the weights, as ggml does. The legacy
+types' weights depend on the mean square of the whole row, so `quantize` then hands
+`quantize_blocks` whole rows (as many as fit in 2**18 weights, at least one).
 
 **The dequantizers** do the same float32 arithmetic, in the same order, as gguf-py's numpy ones
 (`gguf.quants.dequantize`, the reference, here `dequantize_blocks`), as whole-tensor torch
@@ -119,13 +129,15 @@ def grid_for(qtype) -> QuantGrid:
     return grid
 
 
-def quantize(values: np.ndarray, qtype) -> np.ndarray:
+def quantize(values: np.ndarray, qtype, weights: np.ndarray | None = None) -> np.ndarray:
     """GGML blocks of `values` in `qtype`: float32 (..., n) -> uint8 (..., n // block_size * type_size).
 
     Rows run along the last axis; n must be a multiple of the type's block size (32; 256 for the
-    K-quants; 1 for F32/F16/BF16). Other float dtypes are converted to float32 first. Raises
-    QpsaError for an unsupported type, a row length that does not fit the blocks, or a value that is
-    NaN or infinite.
+    K-quants; 1 for F32/F16/BF16). Other float dtypes are converted to float32 first. `weights`, if
+    given, are the importance of each of the n columns (an importance matrix's in_sum2 / count for
+    this matrix): float (n,), finite and not negative; ggml's quantizer with an importance matrix is
+    used then. Raises QpsaError for an unsupported type, a row length that does not fit the blocks,
+    a value that is NaN or infinite, or weights of another length or with a bad value.
     """
     qtype = _quantize_type(qtype)
     values = np.asarray(values)
@@ -142,14 +154,28 @@ def quantize(values: np.ndarray, qtype) -> np.ndarray:
     blocks_in = values.reshape(-1, block_size)  # (n_blocks, block_size)
     out = np.empty((blocks_in.shape[0], type_size), dtype=np.uint8)
     step = max(1, _CHUNK_WEIGHTS // block_size)
+    if weights is not None:
+        weights = _check_weights(weights, n, qtype)
+        step = max(1, _CHUNK_WEIGHTS // max(n, 1) * (n // block_size))  # whole rows per chunk
     with np.errstate(all="ignore"):  # inf/NaN in dead branches, fp16 overflow: ggml's results, no warnings
         for start in range(0, blocks_in.shape[0], step):
             chunk = np.ascontiguousarray(blocks_in[start : start + step])
             if not np.isfinite(chunk).all():
                 bad = start * block_size + int(np.argmin(np.isfinite(chunk).reshape(-1)))
                 raise QpsaError(f"{qtype.name}: cannot quantize a non-finite value ({values.reshape(-1)[bad]} at flat index {bad})")
-            out[start : start + step] = grid.quantize_blocks(chunk)
+            out[start : start + step] = grid.quantize_blocks(chunk, weights)
     return out.reshape(*values.shape[:-1], n // block_size * type_size)
+
+
+def _check_weights(weights, n: int, qtype) -> np.ndarray:
+    weights = np.asarray(weights)
+    if weights.dtype.kind not in "fiu" or weights.shape != (n,):
+        raise QpsaError(f"{qtype.name}: importance weights must be {n} numbers, one per column; got {weights.dtype} {weights.shape}")
+    weights = weights.astype(np.float32)
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        bad = int(np.argmin(np.isfinite(weights) & (weights >= 0)))
+        raise QpsaError(f"{qtype.name}: importance weight {weights[bad]} at column {bad} is negative or not finite")
+    return np.ascontiguousarray(weights)
 
 
 def _quantize_type(qtype) -> GGMLQuantizationType:

@@ -47,8 +47,13 @@ class QuantGrid:
         """
         raise NotImplementedError
 
-    def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
-        """ggml's quantizer without importance matrix: finite float32 (n_blocks, block_size) -> uint8 (n_blocks, type_size)."""
+    def quantize_blocks(self, x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's quantizer: finite float32 (n_blocks, block_size) -> uint8 (n_blocks, type_size).
+
+        weights=None is ggml without importance matrix. Otherwise weights is float32 (n,), the importance of
+        each column of a row (llama-quantize's in_sum2 / count), and x holds whole rows of n // block_size
+        blocks each: ggml_quantize_chunk(..., imatrix=weights), whose legacy types look at the whole row.
+        """
         raise NotImplementedError
 
     def dequantize_torch(self, b: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,12 @@ class QuantGrid:
     def _stored(self, codes: np.ndarray) -> np.ndarray:
         """Codes as the unsigned numbers the format stores (code - code_min), uint8."""
         return (codes - self.code_min).astype(np.uint8)
+
+    def _block_weights(self, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The column weights (n,) laid over x's blocks (whole rows): float32 (n_blocks, block_size)."""
+        per_row = weights.size // self.block_size
+        tiles = weights.reshape(1, per_row, self.block_size)  # (1, blocks per row, block_size)
+        return np.broadcast_to(tiles, (len(x) // per_row, per_row, self.block_size)).reshape(len(x), self.block_size)
 
     def _zero_blocks(self, n_blocks: int) -> np.ndarray:
         """uint8 (n_blocks, type_size) of zeros, for a quantizer to fill."""

@@ -54,7 +54,7 @@ class F32(FloatGrid):
     exponent_bits, mantissa_bits, bits_dtype = 8, 23, np.uint32
     code_dtype = np.int64
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, weights=None):  # ggml ignores an importance matrix for float types
         return x.view(np.uint8)
 
     def dequantize_torch(self, b):
@@ -67,7 +67,7 @@ class F16(FloatGrid):
     qtype = T.F16
     exponent_bits, mantissa_bits, bits_dtype = 5, 10, np.uint16
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, weights=None):  # ggml ignores an importance matrix for float types
         return half(x).view(np.uint8)
 
     def dequantize_torch(self, b):
@@ -83,7 +83,7 @@ class BF16(FloatGrid):
     qtype = T.BF16
     exponent_bits, mantissa_bits, bits_dtype = 8, 7, np.uint16
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, weights=None):  # ggml ignores an importance matrix for float types
         bits = x.view(np.uint32)  # (n, 1); finite input
         return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16).view(np.uint8)
 

@@ -8,17 +8,25 @@ Each super-block stores float16 d (and dmin) and a small integer scale (and min)
     Q5_K 176:  d | dmin | 12 scales | 32 qh | 128 qs                         value = (d·sc)·q − dmin·mn
     Q6_K 210:  128 ql | 64 qh | 16 × int8 scale | d                          value = (d·sc)·(q − 32)
 
-Quantizers (ggml's quantize_row_<type>_ref without importance matrix):
+Quantizers without importance matrix (ggml's quantize_row_<type>_ref; the searches are in searches.py):
 
     Q2_K, Q4_K, Q5_K   per sub-block a (scale, min) fit by a grid search over candidate scales
-                 (ggml's make_qkx2_quants, `_scale_min_search`; weights |x| for Q2_K, rms + |x| for
+                 (ggml's make_qkx2_quants, `scale_min_search`; weights |x| for Q2_K, rms + |x| for
                  Q4_K/Q5_K), then 4- or 6-bit sub-block scales and mins relative to the largest of each
-    Q3_K         per sub-block a signed scale refined weight by weight (make_q3_quants, `_scale_refine`), 6-bit scales
-    Q6_K         per sub-block the best of 19 candidate scales (make_qx_quants, `_scale_search`), 8-bit scales
+    Q3_K         per sub-block a signed scale refined weight by weight (make_q3_quants, `scale_refine`), 6-bit scales
+    Q6_K         per sub-block the best of 19 candidate scales (make_qx_quants, `scale_search`), 8-bit scales
+
+With an importance matrix (ggml's quantize_row_<type>_impl), each weight's error counts with
+w = imatrix[column] * sqrt(sigma2 + x²), sigma2 the mean of x² over the 256-weight super-block (twice
+it for Q3_K, Q4_K, Q5_K); Q6_K uses imatrix[column] alone:
+
+    Q2_K, Q4_K, Q5_K   (scale, min) by make_qkx3_quants (a finer grid of 37 candidates, squared error),
+                 then the sub-block scales and mins themselves fit with weights Σw (make_qp_quants, `scale_fit`)
+    Q3_K         the scale by make_qx_quants with w, then the 16 scales fit by make_qx_quants with weights Σw
+    Q6_K         make_qx_quants with w instead of x²; the rest as without
 
 In every K-quant the codes are then recomputed from the stored, rounded scales (a sub-block whose
-stored scale is 0 keeps the codes of its search). The scale searches, which only the K-quants use,
-are at the end of this module.
+stored scale is 0 keeps the codes of its search).
 
 Q2_K and Q3_K have no torch dequantizer yet: they use gguf-py's numpy one (same values, slower).
 """
@@ -46,6 +54,7 @@ from qpsa.gguf.quants.common import (
     sum_in_order,
     unpack,
 )
+from qpsa.gguf.quants.searches import scale_fit, scale_min_search, scale_refine, scale_search
 
 T = GGMLQuantizationType
 assert QK_K == 256  # the layouts below are written for 256-weight super-blocks
@@ -76,17 +85,27 @@ class Q2_K(QuantGrid):
         out[:, 16:80] = pack(self._stored(codes), group_len=32, bits=2)
         return out
 
-    def quantize_blocks(self, x):
-        """16 sub-blocks of 16; (scale, min) fit with |x| weights, absolute error; 4-bit scales and mins."""
+    def quantize_blocks(self, x, weights=None):
+        """16 sub-blocks of 16; (scale, min) fit with |x| weights, absolute error; 4-bit scales and mins.
+        With weights: make_qkx3_quants with w = weights * sqrt(mean x² + x²), scales and mins by make_qp_quants."""
         n_blocks = len(x)
         xs = _sub_blocks(x, 16)  # (16, S)
-        scale, mins, codes = _scale_min_search(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
-        scale, mins = scale.reshape(n_blocks, 16), mins.reshape(n_blocks, 16)
-        max_scale, max_min = running_max(scale), running_max(mins)  # (B,)
-        ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scale), 0)
-        lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
+        if weights is None:
+            scale, mins, codes = scale_min_search(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
+            scale, mins = scale.reshape(n_blocks, 16), mins.reshape(n_blocks, 16)
+            max_scale, max_min = running_max(scale), running_max(mins)  # (B,)
+            ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scale), 0)
+            lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
+            d, dmin = max_scale / F32(15), max_min / F32(15)
+        else:
+            w = _sub_blocks(self._block_weights(x, weights) * np.sqrt(_sigma2(x, 1) + x * x), 16)  # (16, S)
+            scale, mins, codes = scale_min_search(xs, w, 3, -0.9, 0.05, 36, use_mad=False, qkx3=True)
+            sw = _per_block(sum_in_order(w), n_blocks)  # (16, B)
+            d, ls = scale_fit(_per_block(scale, n_blocks), sw, 15)
+            dmin, lm = scale_fit(_per_block(mins, n_blocks), sw, 15)
+            ls, lm = ls.T.astype(np.int32), lm.T.astype(np.int32)  # (B, 16)
         sc = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # (B, 16): scale low nibble, min high nibble
-        d, dmin = half(max_scale / F32(15)), half(max_min / F32(15))
+        d, dmin = half(d), half(dmin)
         d_sub = d.astype(F32)[:, None] * (sc & 0x0F).astype(F32)
         m_sub = dmin.astype(F32)[:, None] * (sc >> 4).astype(F32)
         codes = _requantize(x.reshape(n_blocks, 16, 16), _from_sub_blocks(codes, n_blocks), d_sub, m_sub, 0, 3)
@@ -133,18 +152,26 @@ class Q3_K(QuantGrid):
         out[:, 32:96] = pack(stored & 0x03, group_len=32, bits=2)
         return out
 
-    def quantize_blocks(self, x):
-        """16 sub-blocks of 16; signed scale refined per weight; 6-bit signed scales relative to the largest."""
+    def quantize_blocks(self, x, weights=None):
+        """16 sub-blocks of 16; signed scale refined per weight; 6-bit signed scales relative to the largest.
+        With weights: make_qx_quants with w = weights * sqrt(2 mean x² + x²), the scales by make_qx_quants too."""
         n_blocks = len(x)
-        scale, codes = _scale_refine(_sub_blocks(x, 16), nmax=4)
-        scale = scale.reshape(n_blocks, 16)
-        peak = first_absmax(np.where(np.isnan(scale), F32(0), scale), axis=1)  # (B,) NaN never wins in ggml's loop
-        peak = np.where(np.abs(peak) > 0, peak, F32(0))
-        has_scale = peak != 0
-        iscale = np.where(has_scale, F32(-32) / peak, F32(0))
-        raw = nearest_int(iscale[:, None] * scale).astype(np.int8)  # (B, 16), C keeps it in an int8_t
-        raw = np.where(has_scale[:, None], np.clip(raw, -32, 31) + 32, 0).astype(np.uint8)  # 0..63, all 0 when no scale
-        d = half(np.where(has_scale, F32(1) / iscale, F32(0)))
+        if weights is None:
+            scale, codes = scale_refine(_sub_blocks(x, 16), nmax=4)
+            scale = scale.reshape(n_blocks, 16)
+            peak = first_absmax(np.where(np.isnan(scale), F32(0), scale), axis=1)  # (B,) NaN never wins in ggml's loop
+            peak = np.where(np.abs(peak) > 0, peak, F32(0))
+            has_scale = peak != 0
+            iscale = np.where(has_scale, F32(-32) / peak, F32(0))
+            raw = nearest_int(iscale[:, None] * scale).astype(np.int8)  # (B, 16), C keeps it in an int8_t
+            raw = np.where(has_scale[:, None], np.clip(raw, -32, 31) + 32, 0).astype(np.uint8)  # 0..63, all 0 when no scale
+            d = half(np.where(has_scale, F32(1) / iscale, F32(0)))
+        else:
+            xs = _sub_blocks(x, 16)  # (16, S)
+            w = _sub_blocks(self._block_weights(x, weights) * np.sqrt(_sigma2(x, 2) + x * x), 16)
+            scale, codes = scale_search(xs, nmax=4, w=w)
+            d, raw = scale_search(_per_block(scale, n_blocks), nmax=32, w=_per_block(sum_in_order(w), n_blocks))
+            raw, d = raw.T.astype(np.uint8), half(d)  # (B, 16) stored scales 0..63 (0 for an all-zero block)
         d_sub = d.astype(F32)[:, None] * (raw.astype(np.int32) - 32).astype(F32)
         codes = _requantize(x.reshape(n_blocks, 16, 16), _from_sub_blocks(codes - 4, n_blocks), d_sub, None, -4, 3)
         blocks = self._zero_blocks(n_blocks)
@@ -181,8 +208,8 @@ class Q4_K(QuantGrid):
         out[:, 16:144] = pack(self._stored(codes), group_len=32, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_k_scale_min(self, x, nmax=15, rmin=-1.0, nstep=20)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_k_scale_min(self, x, weights, nmax=15, rmin=-1.0, nstep=20)
 
     def dequantize_torch(self, b):
         n = b.shape[0]
@@ -218,8 +245,8 @@ class Q5_K(QuantGrid):
         out[:, 48:176] = pack(stored & 0x0F, group_len=32, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_k_scale_min(self, x, nmax=31, rmin=-0.5, nstep=15)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_k_scale_min(self, x, weights, nmax=31, rmin=-0.5, nstep=15)
 
     def dequantize_torch(self, b):
         n = b.shape[0]
@@ -260,10 +287,12 @@ class Q6_K(QuantGrid):
         out[:, 128:192] = pack(stored >> 4, group_len=32, bits=2)
         return out
 
-    def quantize_blocks(self, x):
-        """16 sub-blocks of 16; best of 19 candidate scales each; int8 scales relative to the largest."""
+    def quantize_blocks(self, x, weights=None):
+        """16 sub-blocks of 16; best of 19 candidate scales each (weights x², or the given weights); int8 scales
+        relative to the largest."""
         n_blocks = len(x)
-        scale, codes = _scale_search(_sub_blocks(x, 16), nmax=32)
+        w = None if weights is None else _sub_blocks(self._block_weights(x, weights), 16)
+        scale, codes = scale_search(_sub_blocks(x, 16), nmax=32, w=w)
         scale = scale.reshape(n_blocks, 16)
         peak = first_absmax(np.where(np.isnan(scale), F32(0), scale), axis=1)  # (B,)
         zero_block = ~(np.abs(peak) >= GROUP_MAX_EPS)  # ggml writes an all-zero block
@@ -336,31 +365,57 @@ def _sub_block_steps(d: np.ndarray, sc: np.ndarray, sub_block_len: int) -> np.nd
 # --- the quantizers' shared steps (arrays are (n, S): weight j of every sub-block in row j) ----
 
 
-def _quantize_k_scale_min(grid, x, nmax, rmin, nstep):
-    """Q4_K (nmax 15) and Q5_K (31): 8 sub-blocks of 32; (scale, min) fit with rms + |x| weights; 6-bit scales and mins."""
+def _quantize_k_scale_min(grid, x, weights, nmax, rmin, nstep):
+    """Q4_K (nmax 15) and Q5_K (31): 8 sub-blocks of 32; 6-bit scales and mins.
+
+    Without weights: (scale, min) fit with rms + |x| weights (make_qkx2_quants), scales and mins relative
+    to the largest of each. With weights: w = weights * sqrt(2 mean x² + x²) and make_qkx3_quants, then
+    the scales and mins fit by make_qp_quants with weights Σw (Q5_K clamps them at 63, Q4_K does not).
+    """
     n_blocks = len(x)
     xs = _sub_blocks(x, 32)  # (32, S)
-    rms = np.sqrt(sum_in_order(xs * xs) / F32(32))  # (S,)
-    scale, mins, codes = _scale_min_search(xs, rms + np.abs(xs), nmax, rmin, 0.1, nstep, use_mad=False)
-    scale, mins = scale.reshape(n_blocks, 8), mins.reshape(n_blocks, 8)
-    max_scale, max_min = running_max(scale), running_max(mins)  # (B,)
-    inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-    inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-    ls = np.minimum(nearest_int(inv_scale[:, None] * scale) & 0xFF, 63).astype(np.uint8)  # (B, 8), C's uint8_t
-    lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-    d, dmin = half(max_scale / F32(63)), half(max_min / F32(63))
-    d_sub = d.astype(F32)[:, None] * ls.astype(F32)
-    m_sub = dmin.astype(F32)[:, None] * lm.astype(F32)
+    if weights is None:
+        rms = np.sqrt(sum_in_order(xs * xs) / F32(32))  # (S,)
+        scale, mins, codes = scale_min_search(xs, rms + np.abs(xs), nmax, rmin, 0.1, nstep, use_mad=False)
+        scale, mins = scale.reshape(n_blocks, 8), mins.reshape(n_blocks, 8)
+        max_scale, max_min = running_max(scale), running_max(mins)  # (B,)
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        ls = np.minimum(nearest_int(inv_scale[:, None] * scale) & 0xFF, 63).astype(np.uint8)  # (B, 8), C's uint8_t
+        lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+        d, dmin = half(max_scale / F32(63)), half(max_min / F32(63))
+    else:
+        w = _sub_blocks(grid._block_weights(x, weights) * np.sqrt(_sigma2(x, 2) + x * x), 32)
+        scale, mins, codes = scale_min_search(xs, w, nmax, -0.9, 0.05, 36, use_mad=False, qkx3=True)
+        sw = _per_block(sum_in_order(w), n_blocks)  # (8, B)
+        d, ls = scale_fit(_per_block(scale, n_blocks), sw, 63)
+        dmin, lm = scale_fit(_per_block(mins, n_blocks), sw, 63)
+        ls, lm, d, dmin = ls.T.copy(), lm.T.copy(), half(d), half(dmin)  # (B, 8) uint8
+        if nmax == 31:
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    # 12 scale bytes (inverse of _k_scales_mins): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale)
+    # and 4-7 (min); sub-blocks 4-7 as low nibbles in bytes 8-11 and top 2 bits in bits 6-7 of bytes 0-7
+    scale_bytes = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                                  (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)], axis=1)  # (B, 12)
+    sc, mn = _k_scales_mins(scale_bytes)  # read back as ggml does (a code above 63 loses its top bits)
+    d_sub = d.astype(F32)[:, None] * sc.astype(F32)
+    m_sub = dmin.astype(F32)[:, None] * mn.astype(F32)
     codes = _requantize(x.reshape(n_blocks, 8, 32), _from_sub_blocks(codes, n_blocks), d_sub, m_sub, 0, nmax)
     blocks = grid._zero_blocks(n_blocks)
     blocks[:, 0:2] = half_bytes(d)
     blocks[:, 2:4] = half_bytes(dmin)
-    # 12 scale bytes (inverse of _k_scales_mins): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scale)
-    # and 4-7 (min); sub-blocks 4-7 as low nibbles in bytes 8-11 and top 2 bits in bits 6-7 of bytes 0-7
-    blocks[:, 4:8] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    blocks[:, 8:12] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    blocks[:, 12:16] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    blocks[:, 4:16] = scale_bytes
     return grid.encode(codes, blocks)
+
+
+def _sigma2(x, factor):
+    """factor · Σx² / 256 of each 256-weight block (ggml's sigma2), in ggml's order: (B, 256) -> (B, 1)."""
+    return (F32(factor) * sum_in_order(_sub_blocks(x * x, 256)) / F32(256))[:, None]
+
+
+def _per_block(values, n_blocks):
+    """(S,) values of the sub-blocks -> (n_sub, B): sub-block j of block b at [j, b], for the searches over scales."""
+    return np.ascontiguousarray(values.reshape(n_blocks, -1).T)
 
 
 def _sub_blocks(x, sub_len):
@@ -379,117 +434,3 @@ def _requantize(x, codes, d_sub, offset, lowest, highest):
     shifted = x if offset is None else x + offset[..., None]
     fresh = np.clip(nearest_int(shifted / d_sub[..., None]), lowest, highest)
     return np.where((d_sub != 0)[..., None], fresh, codes).reshape(x.shape[0], -1)
-
-
-def _scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """ggml's make_qkx2_quants: per sub-block, value ≈ scale * code - min with codes 0..nmax.
-
-    Start from the (min(x, 0), max) range, then try nstep + 1 wider or narrower grids
-    (nmax + rmin + rdelta * k steps across the range); for each, fit scale and min to its codes by
-    weighted least squares (min clamped at 0) and keep it if the weighted error (absolute when
-    use_mad, else squared) is smaller. The range is re-centred on the best min as the search goes.
-    x, w: float32 (n, S) -> scale (S,), min (S,) (as a positive number to subtract), codes int32 (n, S).
-    """
-    hi = first_max(x, axis=0)  # (S,)
-    lo = first_min(x, axis=0)
-    lo = np.where(lo > 0, F32(0), lo)
-    flat = hi == lo  # constant non-positive sub-block: ggml stores codes 0, scale 0
-    flat_min = -lo
-    sum_w = sum_in_order(w, from_first=True)
-    sum_x = sum_in_order(w * x, from_first=True)
-
-    def error(scale, lo, codes_f):
-        diff = scale * codes_f + lo - x  # (n, S)
-        return sum_in_order(w * (np.abs(diff) if use_mad else diff * diff))
-
-    iscale = F32(nmax) / (hi - lo)
-    scale = F32(1) / iscale
-    codes = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
-    best = error(scale, lo, codes.astype(F32))
-    for k in range(nstep + 1):
-        iscale = (F32(rmin) + F32(rdelta) * F32(k) + F32(nmax)) / (hi - lo)
-        trial = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
-        trial_f = trial.astype(F32)
-        wl = w * trial_f
-        sum_l, sum_l2, sum_xl = sum_in_order(wl), sum_in_order(wl * trial_f), sum_in_order(wl * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        clamp = this_min > 0
-        this_min = np.where(clamp, F32(0), this_min)
-        this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-        this_error = error(this_scale, this_min, trial_f)
-        better = (det > 0) & (this_error < best)
-        best = np.where(better, this_error, best)
-        codes = np.where(better, trial, codes)
-        scale = np.where(better, this_scale, scale)
-        lo = np.where(better, this_min, lo)
-    return np.where(flat, F32(0), scale), np.where(flat, flat_min, -lo), np.where(flat, 0, codes)
-
-
-def _scale_search(x, nmax):
-    """ggml's make_qx_quants with x² weights: value ≈ scale * code, codes -nmax..nmax-1.
-
-    Try iscale = -(nmax + 0.1 k) / (value of largest magnitude) for k = 0, -9..9 and keep the one whose
-    least-squares scale explains most of the x²-weighted energy. An all-zero sub-block gets scale 0 and
-    stored codes 0. x: float32 (n, S) -> scale (S,), stored codes (code + nmax) int32 (n, S).
-    """
-    peak = first_absmax(x, axis=0)  # (S,)
-    zero = np.abs(peak) < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
-
-    def trial(iscale):
-        codes = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)  # (n, S)
-        codes_f = codes.astype(F32)
-        return codes, sum_in_order(wx * codes_f), sum_in_order(w * codes_f * codes_f)
-
-    codes, sumlx, suml2 = trial(F32(-nmax) / peak)
-    scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-    best = scale * sumlx
-    for k in (*range(-9, 0), *range(1, 10)):
-        t_codes, t_sumlx, t_suml2 = trial(-(F32(nmax) + F32(0.1) * F32(k)) / peak)
-        better = (t_suml2 > 0) & (t_sumlx * t_sumlx > best * t_suml2)
-        codes = np.where(better, t_codes, codes)
-        scale = np.where(better, t_sumlx / t_suml2, scale)
-        best = np.where(better, scale * t_sumlx, best)
-    return np.where(zero, F32(0), scale), np.where(zero, 0, codes + nmax)
-
-
-def _scale_refine(x, nmax):
-    """ggml's make_q3_quants with rmse: value ≈ scale * code, codes -nmax..nmax-1, x² weights.
-
-    Start from codes on the grid through the value of largest magnitude, then up to 5 passes over the
-    weights in order: move a weight to the code nearest its value under the least-squares scale of
-    the others, if that raises the explained energy. The pass over weights is sequential (each move
-    changes the sums the next one sees), so the loop runs over the n weights, vectorized over
-    sub-blocks. x: float32 (n, S) -> scale (S,), stored codes (code + nmax) int32 (n, S).
-    """
-    n = x.shape[0]
-    peak = first_absmax(x, axis=0)  # (S,)
-    zero = np.abs(peak) < GROUP_MAX_EPS
-    codes = np.clip(nearest_int((F32(-nmax) / peak) * x), -nmax, nmax - 1)  # (n, S)
-    w = x * x
-    wx = w * x
-    codes_f = codes.astype(F32)
-    sumlx = sum_in_order(wx * codes_f)
-    suml2 = sum_in_order(w * codes_f * codes_f)
-    for _ in range(5):
-        changed = np.zeros(x.shape[1], dtype=bool)
-        for i in range(n):
-            old = codes[i].astype(F32)
-            rest_lx = sumlx - wx[i] * old  # the sums without weight i
-            rest_l2 = suml2 - w[i] * old * old
-            new = np.clip(nearest_int(x[i] * rest_l2 / rest_lx), -nmax, nmax - 1)
-            new_f = new.astype(F32)
-            slx = rest_lx + wx[i] * new_f
-            sl2 = rest_l2 + w[i] * new_f * new_f
-            accept = (rest_lx > 0) & (new != codes[i]) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            codes[i] = np.where(accept, new, codes[i])
-            sumlx = np.where(accept, slx, sumlx)
-            suml2 = np.where(accept, sl2, suml2)
-            changed |= accept
-        if not changed.any():  # a pass without a move leaves the state as it was: ggml's per-sub-block break
-            break
-    scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero, 0, codes + nmax)

@@ -6,12 +6,19 @@
     Q5_0  22:  d | qh (32 high bits) | 16 qs           value = (q − 16)·d
     Q5_1  24:  d | m | qh | 16 qs                      value = d·q + m
 
-Quantizers (ggml's quantize_row_<type>_ref):
+Quantizers without importance matrix (ggml's quantize_row_<type>_ref):
 
     Q8_0         d = amax / 127, code = round-half-away-from-zero(x / d)
     Q4_0, Q5_0   d = (the signed value of largest magnitude) / -8 or -16,
                  stored q = min(trunc(x / d + 8.5 or 16.5), 15 or 31)
     Q4_1, Q5_1   d = (max - min) / 15 or 31, m = min, q = trunc((x - min) / d + 0.5) (Q4_1: at most 15)
+
+With an importance matrix (ggml's quantize_row_<type>_impl), each weight's error counts with
+w = imatrix[column] * sqrt(sigma2 + x²), sigma2 the mean of x² over the whole row (not the block):
+
+    Q4_0, Q5_0   the best of 19 candidate scales (make_qx_quants with w, `scale_search`)
+    Q4_1, Q5_1   (scale, min) by make_qkx3_quants with w (`scale_min_search`); the codes of the search are stored
+    Q8_0         the importance matrix is ignored (ggml's quantize_q8_0 does)
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from qpsa.gguf.quants.common import (
     read_f16,
     read_f16_torch,
     roundf,
+    sum_in_order,
     unpack,
 )
+from qpsa.gguf.quants.searches import scale_min_search, scale_search
 
 T = GGMLQuantizationType
 
@@ -62,8 +71,8 @@ class Q4_0(QuantGrid):
         out[:, 2:18] = pack(self._stored(codes), group_len=16, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_symmetric(self, x, n_levels=16)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_symmetric(self, x, weights, n_levels=16)
 
     def dequantize_torch(self, b):
         q = _nibbles(b[:, 2:]).to(torch.int8) - 8
@@ -92,8 +101,8 @@ class Q4_1(QuantGrid):
         out[:, 4:20] = pack(self._stored(codes), group_len=16, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_with_min(self, x, n_levels=16, clamp=True)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_with_min(self, x, weights, n_levels=16, clamp=True)
 
     def dequantize_torch(self, b):
         return (read_f16_torch(b[:, :2]) * _nibbles(b[:, 4:]).float()) + read_f16_torch(b[:, 2:4])
@@ -126,8 +135,8 @@ class Q5_0(QuantGrid):
         out[:, 6:22] = pack(stored & 0x0F, group_len=16, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_symmetric(self, x, n_levels=32)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_symmetric(self, x, weights, n_levels=32)
 
     def dequantize_torch(self, b):
         q = (_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6], 32) << 4)).to(torch.int8) - 16
@@ -159,8 +168,8 @@ class Q5_1(QuantGrid):
         out[:, 8:24] = pack(stored & 0x0F, group_len=16, bits=4)
         return out
 
-    def quantize_blocks(self, x):
-        return _quantize_with_min(self, x, n_levels=32, clamp=False)
+    def quantize_blocks(self, x, weights=None):
+        return _quantize_with_min(self, x, weights, n_levels=32, clamp=False)
 
     def dequantize_torch(self, b):
         q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8], 32) << 4)
@@ -189,7 +198,7 @@ class Q8_0(QuantGrid):
         out[:, 2:34] = codes.astype(np.int8).view(np.uint8)
         return out
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, weights=None):  # ggml's quantize_q8_0 ignores an importance matrix
         amax = np.abs(x).max(axis=1)  # (B,)
         d = amax / F32(127)
         inv = np.where(d != 0, F32(1) / d, F32(0))
@@ -205,8 +214,13 @@ class Q8_0(QuantGrid):
 # --- shared by the types above --------------------------------------------------------------
 
 
-def _quantize_symmetric(grid, x, n_levels):
-    """Q4_0 (16 levels) and Q5_0 (32): d = -(value of largest magnitude) / (n_levels / 2)."""
+def _quantize_symmetric(grid, x, weights, n_levels):
+    """Q4_0 (16 levels) and Q5_0 (32): d = -(value of largest magnitude) / (n_levels / 2); with weights, make_qx_quants."""
+    if weights is not None:
+        d, q = scale_search(x.T, nmax=n_levels // 2, w=_importance(grid, x, weights).T)  # (B,), stored codes (32, B)
+        blocks = grid._zero_blocks(len(x))
+        blocks[:, 0:2] = half_bytes(half(d))
+        return grid.encode(q.T - n_levels // 2, blocks)
     d = first_absmax(x, axis=1) / F32(-(n_levels // 2))  # (B,)
     inv = np.where(d != 0, F32(1) / d, F32(0))
     q = c_int(x * inv[:, None] + F32(n_levels // 2 + 0.5)).astype(np.int8)  # (B, 32), C's int8_t cast
@@ -216,11 +230,18 @@ def _quantize_symmetric(grid, x, n_levels):
     return grid.encode(q.astype(np.int32) - n_levels // 2, blocks)
 
 
-def _quantize_with_min(grid, x, n_levels, clamp):
-    """Q4_1 (16 levels) and Q5_1 (32): d = (max - min) / (n_levels - 1), m = min.
+def _quantize_with_min(grid, x, weights, n_levels, clamp):
+    """Q4_1 (16 levels) and Q5_1 (32): d = (max - min) / (n_levels - 1), m = min; with weights, make_qkx3_quants.
 
     ggml clamps Q4_1's codes (through an int8_t) but not Q5_1's: `clamp`.
     """
+    if weights is not None:
+        w = _importance(grid, x, weights).T  # (32, B)
+        d, neg_min, q = scale_min_search(x.T, w, n_levels - 1, -0.9, 0.05, 36, use_mad=False, qkx3=True)
+        blocks = grid._zero_blocks(len(x))
+        blocks[:, 0:2] = half_bytes(half(d))
+        blocks[:, 2:4] = half_bytes(half(-neg_min))
+        return grid.encode(q.T, blocks)
     lo, hi = first_min(x, axis=1), first_max(x, axis=1)  # (B,)
     d = (hi - lo) / F32(n_levels - 1)
     inv = np.where(d != 0, F32(1) / d, F32(0))
@@ -232,6 +253,15 @@ def _quantize_with_min(grid, x, n_levels, clamp):
     blocks[:, 0:2] = half_bytes(half(d))
     blocks[:, 2:4] = half_bytes(half(lo))
     return grid.encode(q.astype(np.int32), blocks)
+
+
+def _importance(grid, x, weights):
+    """ggml's per-weight error weights with an importance matrix: weights[column] * sqrt(sigma2 + x²), sigma2 the
+    mean of x² over the row. x: whole rows of blocks (B, 32), weights (n,) -> (B, 32)."""
+    rows = x.reshape(-1, weights.size)  # (R, n)
+    sigma2 = sum_in_order(np.ascontiguousarray((rows * rows).T)) / F32(weights.size)  # (R,)
+    per_block = np.repeat(sigma2, weights.size // grid.block_size)[:, None]  # (B, 1)
+    return grid._block_weights(x, weights) * np.sqrt(per_block + x * x)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
