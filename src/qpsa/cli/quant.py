@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -41,6 +42,7 @@ def requantize(
     token_embedding_type: EmbeddingTypeOpt = None,
     pure: PureOpt = False,
     fallback: FallbackOpt = False,
+    imatrix: Annotated[Optional[str], typer.Option(help="importance matrix (llama-imatrix's or q-psa imatrix's GGUF or .dat): quantize as llama-quantize --imatrix")] = None,
     dry_run: Annotated[bool, typer.Option(help="show the types and sizes, write nothing")] = False,
     as_json: JsonOpt = False,
 ):
@@ -57,16 +59,23 @@ def requantize(
     gguf_file = open_gguf(resolve_model(model))
     if output is not None:
         check_output_path(output, gguf_file.path)
-    choices = choose_types(gguf_file, type_, **_type_options(tensor_type, output_tensor_type, token_embedding_type,
-                                                            pure, fallback))
+    weights = None
+    if imatrix is not None:
+        from qpsa.quant.imatrix import read_imatrix
+
+        weights = read_imatrix(imatrix)
+        weights.check_against(gguf_file)
+    choices = choose_types(gguf_file, type_, imatrix=weights,
+                           **_type_options(tensor_type, output_tensor_type, token_embedding_type, pure, fallback))
     before = size_summary([_unchanged(c) for c in choices])
     after = size_summary(choices)
     if not dry_run:
         with progress_bar("requantizing", len(choices), quiet=as_json) as advance:
-            write_requantized(gguf_file, choices, output, advance)
+            write_requantized(gguf_file, choices, output, advance, imatrix=weights)
     seconds = time.perf_counter() - start
     result = {"model": {"path": str(gguf_file.path), "sha256": gguf_file.sha256}, "type": type_.upper(),
-              "output": None if dry_run else str(output), "before": before, "after": after, "seconds": seconds,
+              "output": None if dry_run else str(output),
+              "imatrix": None if weights is None else _imatrix_summary(weights, choices), "before": before, "after": after, "seconds": seconds,
               "tensors": [c.to_dict() for c in choices]}
     if as_json:
         print_json(result)
@@ -86,6 +95,15 @@ def _type_options(tensor_type, output_tensor_type, token_embedding_type, pure, f
         "pure": pure,
         "fallback": fallback,
     }
+
+
+def _imatrix_summary(imatrix, choices) -> dict:
+    from qpsa.gguf.read import file_sha256
+
+    changed = [c.name for c in choices if c.target != c.source]
+    weighted = [n for n in changed if n in imatrix.in_sum2]
+    return {"path": imatrix.path, "sha256": file_sha256(Path(imatrix.path)), "entries": len(imatrix.in_sum2),
+            "weighted": len(weighted), "unweighted": sorted(set(changed) - set(weighted))}
 
 
 def _unchanged(choice):

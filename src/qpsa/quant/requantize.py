@@ -23,6 +23,16 @@ A type whose block does not divide a tensor's row length (K-quants need multiple
 error naming the tensor, unless `fallback=True`, which takes llama-quantize's fallback types:
 Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16 where even those do not fit.
 
+With an importance matrix (`imatrix`, a `qpsa.quant.imatrix.Imatrix` checked against the model),
+every tensor that has an entry is quantized with its weights (in_sum2 / count per column, per expert
+for 3-D tensors), as llama-quantize --imatrix does; a tensor without an entry (the token embedding,
+the output head) is quantized without. The one type choice an imatrix changes for the types q-psa
+writes: with `Q4_0` (`Q5_0`), ffn_down of the first n_layer/8 layers gets Q4_1 (Q5_1), unless `pure`
+or an override names it. (The types llama-quantize refuses without an imatrix, IQ1/IQ2/IQ3_XXS, and
+Q2_K within a Q2_K_S mixture, are not types q-psa writes.) The output records the file as
+llama-quantize does (`quantize.imatrix.file`, `.dataset`, `.entries_count`, `.chunks_count`) and its
+sha256 (`quantize.imatrix.sha256`, q-psa's addition).
+
 Requantizing an already quantized model dequantizes its weights exactly and quantizes those
 values: the result carries both quantization errors (Q4_1 -> Q8_0 is not Q8_0 of the original
 float weights), as with llama-quantize --allow-requantize.
@@ -127,10 +137,12 @@ def choose_types(
     token_embedding_type: GGMLQuantizationType | None = None,
     pure: bool = False,
     fallback: bool = False,
+    imatrix=None,
 ) -> list[TensorChoice]:
     """The type of every tensor of `gguf_file`, by the rules in this module's docstring."""
     base = qtype_named(base) if isinstance(base, str) else base
     tied = "output.weight" not in gguf_file.tensors
+    ffn_down = _ImatrixFfnDown(gguf_file) if imatrix is not None and base in IMATRIX_FFN_DOWN else None
     choices = []
     for name, t in gguf_file.tensors.items():
         if not is_quantizable(name, t.shape):
@@ -150,9 +162,36 @@ def choose_types(
             else:
                 if is_head and not pure and base not in (Q.F32, Q.F16, Q.BF16):
                     target, why, explicit = _head_type(base, t.shape[-1]), "output head", False
+                elif ffn_down is not None and not pure and "ffn_down" in name:
+                    target, why = ffn_down.type_for(name, base)
         target, why = _fit(name, t.shape[-1], target, why, fallback or not explicit)
         choices.append(TensorChoice(name, t.shape, t.qtype, target, why))
     return choices
+
+
+# llama-quantize with an imatrix: ffn_down of the first n_layer/8 layers one type up (llama_tensor_get_type_impl)
+IMATRIX_FFN_DOWN = {Q.Q4_0: Q.Q4_1, Q.Q5_0: Q.Q5_1}
+
+
+class _ImatrixFfnDown:
+    """llama-quantize's layer of each ffn_down tensor: its rank among them in file order (the tensor's
+    blk.N for expert models), out of the model's block_count."""
+
+    def __init__(self, gguf_file: GGUFFile):
+        arch = gguf_file.metadata.get("general.architecture", "")
+        self.n_layer = int(gguf_file.metadata.get(f"{arch}.block_count", 0))
+        self.by_name = int(gguf_file.metadata.get(f"{arch}.expert_count", 0) or 0) > 1
+        self.seen = 0
+
+    def type_for(self, name: str, base: GGMLQuantizationType) -> tuple[GGMLQuantizationType, str]:
+        layer = self.seen
+        self.seen += 1
+        if self.by_name:
+            match = re.match(r"blk\.(\d+)\.", name)
+            layer = int(match.group(1)) if match else self.n_layer
+        if layer < self.n_layer // 8:
+            return IMATRIX_FFN_DOWN[base], f"imatrix: ffn_down of layer {layer} < {self.n_layer}/8"
+        return base, "type"
 
 
 def _head_type(base: GGMLQuantizationType, row: int) -> GGMLQuantizationType:
@@ -188,9 +227,10 @@ def size_summary(choices: Sequence[TensorChoice]) -> dict:
 
 
 def requantized_tensors(
-    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress
+    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress, imatrix=None
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
-    """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes."""
+    """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes.
+    With an `imatrix`, a tensor that has an entry is quantized with its weights, one row of them per matrix."""
     from qpsa.gguf.quants import quantize
 
     for c in choices:
@@ -199,16 +239,23 @@ def requantized_tensors(
             raw = t.raw
         else:
             values = t.to_torch().numpy()
-            raw = quantize(values.reshape(-1, values.shape[-1]), c.target).reshape(-1)
+            n = values.shape[-1]
+            if imatrix is not None and c.name in imatrix.in_sum2:
+                weights = imatrix.mean(c.name).reshape(-1, n)  # (n_mat, n): experts of a 3-D tensor, else one
+                matrices = values.reshape(len(weights), -1, n)  # (n_mat, rows, n)
+                raw = np.concatenate([quantize(m, c.target, w).reshape(-1) for m, w in zip(matrices, weights)])
+            else:
+                raw = quantize(values.reshape(-1, n), c.target).reshape(-1)
         advance(c.name)
         yield c.name, c.target, c.shape, raw
 
 
 def write_requantized(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], out: str | os.PathLike,
-    advance: Advance = no_progress,
+    advance: Advance = no_progress, imatrix=None,
 ) -> Path:
-    """Write the model with every tensor in its chosen type (metadata copied, file type updated)."""
+    """Write the model with every tensor in its chosen type (metadata copied, file type updated); with an
+    `imatrix`, quantized with its weights and recorded in the metadata (module docstring)."""
     from qpsa.gguf.write import check_output_path, write_gguf
 
     out = check_output_path(out, gguf_file.path)
@@ -221,7 +268,30 @@ def write_requantized(
     if any(qtype not in (Q.F32, Q.F16, Q.BF16) for qtype in (c.target for c in choices)):
         metadata["general.quantization_version"] = gguf.GGML_QUANT_VERSION
         types["general.quantization_version"] = (gguf.GGUFValueType.UINT32, None)
-    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance), out)
+    if imatrix is not None:
+        for key, (value, value_type) in imatrix_metadata(imatrix).items():
+            metadata[key] = value
+            types[key] = (value_type, None)
+    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance, imatrix), out)
+
+
+def imatrix_metadata(imatrix) -> dict[str, tuple[object, gguf.GGUFValueType]]:
+    """The keys llama-quantize --imatrix writes (the file as given and the first dataset, each cut at 127
+    bytes; the number of entries; the chunk count when known), and the file's sha256."""
+    from qpsa.gguf.read import file_sha256
+
+    def cut(text: str) -> str:
+        return text.encode("utf-8")[:127].decode("utf-8", errors="ignore")
+
+    string, uint32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
+    keys = {"quantize.imatrix.file": (cut(str(imatrix.path)), string)}
+    if imatrix.datasets:
+        keys["quantize.imatrix.dataset"] = (cut(imatrix.datasets[0]), string)
+    keys["quantize.imatrix.entries_count"] = (len(imatrix.in_sum2), uint32)
+    if imatrix.chunk_count > 0:
+        keys["quantize.imatrix.chunks_count"] = (imatrix.chunk_count, uint32)
+    keys["quantize.imatrix.sha256"] = (file_sha256(Path(imatrix.path)), string)
+    return keys
 
 
 def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
@@ -230,20 +300,21 @@ def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress, **options):
-    """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options);
-    same config and tokenizer, nothing written to disk. `.name` says what was done."""
+def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress,
+                     imatrix=None, **options):
+    """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options; `imatrix`
+    weights the quantizers); same config and tokenizer, nothing written to disk. `.name` says what was done."""
     from qpsa.gguf.quants import dequantize
     from qpsa.model.transformer import Transformer
 
     start = time.perf_counter()
-    choices = choose_types(loaded.file, base, overrides, **options)
+    choices = choose_types(loaded.file, base, overrides, imatrix=imatrix, **options)
     weights = {}
-    for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, advance):
+    for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, advance, imatrix):
         weights[name] = dequantize(np.asarray(raw), qtype, shape)
     model = Transformer(loaded.config, weights, dtype=loaded.model.dtype)
     label = base.name if isinstance(base, GGMLQuantizationType) else qtype_named(base).name
-    label += "".join(f", {p}={t.name}" for p, t in overrides)
+    label += "".join(f", {p}={t.name}" for p, t in overrides) + (" with imatrix" if imatrix is not None else "")
     seconds = time.perf_counter() - start
     return dataclasses.replace(loaded, name=f"{loaded.name} requantized to {label}", model=model,
                                load_seconds=seconds, requantized=choices)

@@ -22,6 +22,10 @@ def requantize_report(console: Console, r: dict) -> None:
     for (source, target, why), tensors in sorted(groups.items(), key=lambda kv: -sum(t["bytes"] for t in kv[1])):
         table.add_row(source, target, why, str(len(tensors)), _bytes(sum(t["bytes"] for t in tensors)), tensors[0]["name"])
     console.print(table)
+    if r.get("imatrix"):
+        im = r["imatrix"]
+        without = f"; without (no entry): {', '.join(im['unweighted'])}" if im["unweighted"] else ""
+        console.print(f"importance matrix {im['path']} ({im['entries']} entries): {im['weighted']} tensors weighted{without}")
     b, a = r["before"], r["after"]
     console.print(f"tensor data {_bytes(b['tensor_bytes'])} at {b['bits_per_weight']:.3f} bits/weight -> "
                   f"{_bytes(a['tensor_bytes'])} at {a['bits_per_weight']:.3f} bits/weight; "
