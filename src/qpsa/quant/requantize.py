@@ -142,7 +142,7 @@ def choose_types(
     """The type of every tensor of `gguf_file`, by the rules in this module's docstring."""
     base = qtype_named(base) if isinstance(base, str) else base
     tied = "output.weight" not in gguf_file.tensors
-    ffn_down = _ImatrixFfnDown(gguf_file) if imatrix is not None and base in IMATRIX_FFN_DOWN else None
+    ffn_down = []  # indices of the ffn_down choices llama-quantize may move up with an imatrix
     choices = []
     for name, t in gguf_file.tensors.items():
         if not is_quantizable(name, t.shape):
@@ -162,10 +162,12 @@ def choose_types(
             else:
                 if is_head and not pure and base not in (Q.F32, Q.F16, Q.BF16):
                     target, why, explicit = _head_type(base, t.shape[-1]), "output head", False
-                elif ffn_down is not None and not pure and "ffn_down" in name:
-                    target, why = ffn_down.type_for(name, base)
+                elif imatrix is not None and not pure and "ffn_down" in name:
+                    ffn_down.append(len(choices))
         target, why = _fit(name, t.shape[-1], target, why, fallback or not explicit)
         choices.append(TensorChoice(name, t.shape, t.qtype, target, why))
+    if base in IMATRIX_FFN_DOWN:
+        _imatrix_ffn_down(gguf_file, choices, ffn_down, IMATRIX_FFN_DOWN[base])
     return choices
 
 
@@ -173,25 +175,24 @@ def choose_types(
 IMATRIX_FFN_DOWN = {Q.Q4_0: Q.Q4_1, Q.Q5_0: Q.Q5_1}
 
 
-class _ImatrixFfnDown:
-    """llama-quantize's layer of each ffn_down tensor: its rank among them in file order (the tensor's
-    blk.N for expert models), out of the model's block_count."""
+def _imatrix_ffn_down(gguf_file: GGUFFile, choices: list[TensorChoice], indices: list[int], up) -> None:
+    """Move ffn_down of layers < n_layer/8 to `up`, where layer is llama-quantize's: the tensor's rank
+    among the ffn_down tensors in its order (blk.N, then name), or its blk.N in an expert model."""
+    arch = gguf_file.metadata.get("general.architecture", "")
+    n_layer = int(gguf_file.metadata.get(f"{arch}.block_count", 0))
+    by_name = int(gguf_file.metadata.get(f"{arch}.expert_count", 0) or 0) > 1
+    ordered = sorted(indices, key=lambda i: (_block_number(choices[i].name), choices[i].name))
+    for rank, i in enumerate(ordered):
+        layer = max(_block_number(choices[i].name), 0) if by_name else rank
+        if layer < n_layer // 8 and choices[i].why == "type":  # (a fallback type stays: up has the same blocks)
+            choices[i] = dataclasses.replace(choices[i], target=up,
+                                             why=f"imatrix: ffn_down of layer {layer} < {n_layer}/8")
 
-    def __init__(self, gguf_file: GGUFFile):
-        arch = gguf_file.metadata.get("general.architecture", "")
-        self.n_layer = int(gguf_file.metadata.get(f"{arch}.block_count", 0))
-        self.by_name = int(gguf_file.metadata.get(f"{arch}.expert_count", 0) or 0) > 1
-        self.seen = 0
 
-    def type_for(self, name: str, base: GGMLQuantizationType) -> tuple[GGMLQuantizationType, str]:
-        layer = self.seen
-        self.seen += 1
-        if self.by_name:
-            match = re.match(r"blk\.(\d+)\.", name)
-            layer = int(match.group(1)) if match else self.n_layer
-        if layer < self.n_layer // 8:
-            return IMATRIX_FFN_DOWN[base], f"imatrix: ffn_down of layer {layer} < {self.n_layer}/8"
-        return base, "type"
+def _block_number(name: str) -> int:
+    """N of a blk.N. name, -1 for other names (llama.cpp's weight order puts them first)."""
+    match = re.match(r"blk\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
 
 
 def _head_type(base: GGMLQuantizationType, row: int) -> GGMLQuantizationType:
