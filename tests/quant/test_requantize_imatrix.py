@@ -92,7 +92,8 @@ def test_expert_tensors_take_one_row_of_weights_per_expert(tmp_path):
             return torch.from_numpy(values)
 
     class File:
-        tensors = {"blk.0.ffn_down_exps.weight": Tensor()}
+        def __init__(self):
+            self.tensors = {"blk.0.ffn_down_exps.weight": Tensor()}
 
     im = Imatrix({"blk.0.ffn_down_exps.weight": sums}, {"blk.0.ffn_down_exps.weight": np.array([5, 6, 7])}, [], 1, 1)
     choice = TensorChoice("blk.0.ffn_down_exps.weight", (3, 4, 64), Q.F32, Q.Q4_0, "type")

@@ -42,7 +42,8 @@ def requantize(
     token_embedding_type: EmbeddingTypeOpt = None,
     pure: PureOpt = False,
     fallback: FallbackOpt = False,
-    imatrix: Annotated[Optional[str], typer.Option(help="importance matrix (llama-imatrix's or q-psa imatrix's GGUF or .dat): quantize as llama-quantize --imatrix")] = None,
+    imatrix: Annotated[Optional[str], typer.Option(
+        help="importance matrix (GGUF or .dat, from llama-imatrix or q-psa imatrix): quantize as llama-quantize --imatrix")] = None,
     dry_run: Annotated[bool, typer.Option(help="show the types and sizes, write nothing")] = False,
     as_json: JsonOpt = False,
 ):
@@ -63,8 +64,7 @@ def requantize(
     if imatrix is not None:
         from qpsa.quant.imatrix import read_imatrix
 
-        weights = read_imatrix(imatrix)
-        weights.check_against(gguf_file)
+        weights = read_imatrix(imatrix)  # checked against the model by choose_types
     choices = choose_types(gguf_file, type_, imatrix=weights,
                            **_type_options(tensor_type, output_tensor_type, token_embedding_type, pure, fallback))
     before = size_summary([_unchanged(c) for c in choices])
@@ -75,7 +75,8 @@ def requantize(
     seconds = time.perf_counter() - start
     result = {"model": {"path": str(gguf_file.path), "sha256": gguf_file.sha256}, "type": type_.upper(),
               "output": None if dry_run else str(output),
-              "imatrix": None if weights is None else _imatrix_summary(weights, choices), "before": before, "after": after, "seconds": seconds,
+              "imatrix": None if weights is None else _imatrix_summary(weights, choices),
+              "before": before, "after": after, "seconds": seconds,
               "tensors": [c.to_dict() for c in choices]}
     if as_json:
         print_json(result)

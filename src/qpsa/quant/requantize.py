@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -56,6 +57,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile
 from qpsa.progress import Advance, no_progress
+
+if TYPE_CHECKING:
+    from qpsa.quant.imatrix import Imatrix
 
 Q = GGMLQuantizationType
 
@@ -137,10 +141,13 @@ def choose_types(
     token_embedding_type: GGMLQuantizationType | None = None,
     pure: bool = False,
     fallback: bool = False,
-    imatrix=None,
+    imatrix: Imatrix | None = None,
 ) -> list[TensorChoice]:
-    """The type of every tensor of `gguf_file`, by the rules in this module's docstring."""
+    """The type of every tensor of `gguf_file`, by the rules in this module's docstring; QpsaError for an
+    `imatrix` that does not fit the model (`Imatrix.check_against`)."""
     base = qtype_named(base) if isinstance(base, str) else base
+    if imatrix is not None:
+        imatrix.check_against(gguf_file)
     tied = "output.weight" not in gguf_file.tensors
     ffn_down = []  # indices of the ffn_down choices llama-quantize may move up with an imatrix
     choices = []
@@ -228,7 +235,7 @@ def size_summary(choices: Sequence[TensorChoice]) -> dict:
 
 
 def requantized_tensors(
-    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress, imatrix=None
+    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress, imatrix: Imatrix | None = None
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
     """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes.
     With an `imatrix`, a tensor that has an entry is quantized with its weights, one row of them per matrix."""
@@ -253,7 +260,7 @@ def requantized_tensors(
 
 def write_requantized(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], out: str | os.PathLike,
-    advance: Advance = no_progress, imatrix=None,
+    advance: Advance = no_progress, imatrix: Imatrix | None = None,
 ) -> Path:
     """Write the model with every tensor in its chosen type (metadata copied, file type updated); with an
     `imatrix`, quantized with its weights and recorded in the metadata (module docstring)."""
@@ -276,7 +283,7 @@ def write_requantized(
     return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance, imatrix), out)
 
 
-def imatrix_metadata(imatrix) -> dict[str, tuple[object, gguf.GGUFValueType]]:
+def imatrix_metadata(imatrix: Imatrix) -> dict[str, tuple[object, gguf.GGUFValueType]]:
     """The keys llama-quantize --imatrix writes (the file as given and the first dataset, each cut at 127
     bytes; the number of entries; the chunk count when known), and the file's sha256."""
     from qpsa.gguf.read import file_sha256
@@ -302,7 +309,7 @@ def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
 
 
 def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress,
-                     imatrix=None, **options):
+                     imatrix: Imatrix | None = None, **options):
     """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options; `imatrix`
     weights the quantizers); same config and tokenizer, nothing written to disk. `.name` says what was done."""
     from qpsa.gguf.quants import dequantize

@@ -42,8 +42,6 @@ from qpsa.gguf.quants.common import (
     GROUP_MAX_EPS,
     QuantGrid,
     first_absmax,
-    first_max,
-    first_min,
     half,
     half_bytes,
     nearest_int,
