@@ -203,6 +203,8 @@ def test_sensitivity_cli(capsys, tiny, tmp_path):
     result = json.loads(stdout)
     assert len(result["rows"]) == 5 and all(r["kld"] > 0 for r in result["rows"])
     assert (out / "sensitivity-Q4_0-layer.png").exists() and (out / "sensitivity-Q4_0-layer.csv").exists()
+    assert str(out / "sensitivity-Q4_0-layer.html") in result["files"]
+    assert "output.weight" in (out / "sensitivity-Q4_0-layer.html").read_text()  # the report beside the JSON
     # a resumed run takes the finished groups as they are
     code, stdout2, _ = cli(capsys, "sensitivity", tiny[0], "--to", "q4_0", "--text", tiny[1], "--ctx", 64,
                            "--chunks", 2, "--out", out, "--json", "--resume")
