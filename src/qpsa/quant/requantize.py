@@ -56,9 +56,9 @@ from qpsa.gguf.read import GGUFFile
 from qpsa.progress import Advance, no_progress
 from qpsa.quant.presets import (
     NEEDS_IMATRIX,
+    PRESETS,
     Mixture,
     ModelFacts,
-    PRESETS,
     Preset,
     category,
     find_preset,
@@ -80,9 +80,9 @@ FILE_TYPES = {
     Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, Q.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
 }
-# names llama-quantize never quantizes (parts of the name), besides 1-D tensors and non-"weight" names
 # llama-quantize's presets whose base type q-psa writes, in llama-quantize's order
 WRITABLE_PRESETS = [p.name for p in PRESETS.values() if p.base in {t.name for t in WRITABLE}]
+# names llama-quantize never quantizes (parts of the name), besides 1-D tensors and non-"weight" names
 _NOT_QUANTIZED = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "position_embd.weight", "token_types.weight",
     "altup", "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
@@ -112,7 +112,7 @@ def preset_named(name: str | Preset) -> Preset:
     preset = find_preset(name)
     if preset.name not in WRITABLE_PRESETS:
         raise QpsaError(f"{preset.name} needs the type {preset.base}, which q-psa cannot write; "
-                        f"q-psa writes the types {', '.join(WRITABLE_PRESETS)}")
+                        f"q-psa writes {', '.join(WRITABLE_PRESETS)}")
     return preset
 
 
