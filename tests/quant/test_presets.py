@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from helpers.cli_run import assert_user_error
 from helpers.cli_run import run as cli
-from helpers.llamacpp_tools import requires, run_tool
+from helpers.llamacpp_tools import requires, run_tool, tool
 from helpers.tiny import write_tiny_gguf
 
 from qpsa.errors import QpsaError
@@ -221,7 +221,7 @@ def test_requantize_cli_bad_preset(capsys, wide, tmp_path, type_, needles):
 # (q-psa's numpy quantizers take 10-25 s per preset and model, llama-quantize ~3 s): SmolLM2
 # (30 layers, 3 query heads per KV head, rows of 576 and 1536) and Gemma 3 (18 layers, 4 per KV
 # head, rows of 640 and 2048; its file is Q4_K_M, so Q4_K_M copies every tensor).
-AGAINST_LLAMA_QUANTIZE = [("smollm2-135m", p) for p in ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0")] + [
+AGAINST_LLAMA_QUANTIZE = [("smollm2-135m", p) for p in ("Q4_K_M", "Q3_K_M", "Q4_0")] + [
     ("gemma3-270m", p) for p in ("Q4_K_M", "Q5_K_S", "Q6_K", "Q2_K")]
 
 
@@ -245,3 +245,22 @@ def test_bundled_models_byte_identical_to_llama_quantize(capsys, tmp_path, model
     assert not differ
     for key in ("general.file_type", "general.quantization_version"):
         assert a.metadata[key] == b.metadata[key], key
+
+
+@pytest.mark.slow
+@requires("llama-quantize")
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_q2_k_s_stops_where_llama_quantize_does(capsys, tmp_path, model):
+    """Without an importance matrix both refuse Q2_K_S, naming the same first tensor."""
+    import re
+    import subprocess
+
+    from helpers.bundled import bundled_path
+
+    source = bundled_path(model)
+    proc = subprocess.run([str(tool("llama-quantize")), "--allow-requantize", str(source), str(tmp_path / "x.gguf"),
+                           "Q2_K_S", "2"], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    offending = re.search(r"offending tensor: (\S+)", proc.stdout + proc.stderr).group(1)
+    code, _, err = cli(capsys, "requantize", source, "--type", "Q2_K_S", "--output", tmp_path / "ours.gguf")
+    assert_user_error(code, err, f"gives {offending} the type Q2_K", "importance matrix")

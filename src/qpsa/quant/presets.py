@@ -108,8 +108,8 @@ class ModelFacts:
         md, arch = gguf_file.metadata, gguf_file.arch or ""
 
         def first(key, default):
-            value = md.get(f"{arch}.{key}", default)
-            return int(value[0] if isinstance(value, (list, tuple)) else value)
+            value = md.get(f"{arch}.{key}", default)  # a per-layer array: layer 0's, as llama.cpp reads it
+            return int(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
 
         n_layer = first("block_count", 0)
         n_head = first("attention.head_count", 0)
