@@ -9,8 +9,8 @@
    budget where a group's options are not convex).
 3. Check: the whole plan, requantized in memory, against the unmodified model on the held-out
    span (the windows after the measured ones): its actual KLD and PPL beside the predicted sum,
-   and beside llama-quantize's uniform types (`q-psa requantize --type T --fallback`) of the
-   nearest sizes above and below.
+   and beside the uniform types (one type for every weight matrix, llama-quantize's head rule
+   and fallbacks; not its presets' mixtures) of the nearest sizes above and below.
 
 The budget is in bits per weight over every tensor of the file (what llama.cpp prints as BPW):
 8 × tensor bytes / all weights, tensors that are never quantized (norms) included at their size.
