@@ -230,6 +230,12 @@ def test_plan_cli_fits_the_budget_and_writes_a_recipe(capsys, tiny, tmp_path):
     assert 8 * sum(t.raw.nbytes for t in written.tensors.values()) / sum(
         t.n_elements for t in written.tensors.values()) == pytest.approx(plan["plan"]["bits_per_weight"])
     assert math.isfinite(plan["plan"]["ppl"])
+    # the llama-quantize command reproduces the plan: its preset's rules plus the --tensor-type overrides
+    command = plan["llama_quantize"]
+    overrides = [parse_tensor_type(command[i + 1]) for i, a in enumerate(command) if a == "--tensor-type"]
+    source = open_gguf(tiny[0])
+    by_command = {c.name: c.target.name for c in choose_types(source, command[-1], overrides=overrides)}
+    assert by_command == {name: t.qtype.name for name, t in written.tensors.items() if name in by_command}
 
 
 @pytest.mark.slow
