@@ -97,7 +97,8 @@ class PlanResult:
         lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw} bits/weight ({self.granularity} granularity)",
                  f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from the "
                  "preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
-        lines += [args[i + 1] for i, a in enumerate(args) if a == "--tensor-type"]
+        for regex, _, qtype in (args[i + 1].rpartition("=") for i, a in enumerate(args) if a == "--tensor-type"):
+            lines.append(f"{regex}={qtype.upper()}")
         lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in args)]
         write_atomic(recipe, "\n".join(lines) + "\n")
         files.append(str(recipe))
