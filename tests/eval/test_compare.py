@@ -320,6 +320,13 @@ def test_cli_tables_and_json(capsys, tmp_path, pair, prose):
     assert r["generations"]["format"] == "raw" and len(r["running"]) == 4
     s = r["statistics"]
     assert s["kld"] > 0 and 0 <= s["same_top"] <= 1 and s["kld_se"] > 0
+    # --out: the same JSON in a file, and an HTML report beside it
+    saved = tmp_path / "cmp.json"
+    code, out, err = run(capsys, "compare", *pair, "--text", prose, *WINDOWS, "--max-new-tokens", 0, "--out", saved)
+    assert code == 0, err
+    assert json.loads(saved.read_text())["statistics"]["kld"] == s["kld"]
+    assert f"{s['kld']:.6f}" in (tmp_path / "cmp.html").read_text()
+    assert_user_error(*run(capsys, "compare", *pair, "--text", prose, "--out", tmp_path)[::2], "is a directory")
 
 
 # ---- OTHER as BASE requantized in memory ------------------------------------------------------------

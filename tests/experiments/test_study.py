@@ -16,10 +16,14 @@ def test_quick_study_writes_everything(tmp_path, monkeypatch, capsys):
     text = tmp_path / "prose.txt"
     text.write_text(PROSE)
     out = tmp_path / "study"
+    capsys.readouterr()
     assert main(["study", str(model), "--quick", "--text", str(text), "--out", str(out)]) == 0
     for name in ("results.md", "study.json", "scores.json", "scores.csv", "scores.png", "prune.png", "loop.png",
-                 "agreement.png"):
+                 "agreement.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
+    printed = capsys.readouterr().out.replace("\n", "")  # rich wraps long paths
+    assert printed.rstrip().endswith(f"report: {out / 'report.html'}")  # the last line: the page to open
+    assert "Q-PSA study" in (out / "report.html").read_text()
     study = json.loads((out / "study.json").read_text())
     methods = set(study["scores"]["methods"])
     assert methods == {"layer_ablation", "weight_norm", "random", "block_influence", "angular_distance", "fisher", "qpsa"}

@@ -38,17 +38,18 @@ def imatrix_file(tiny, tmp_path):
 
 def test_ffn_down_of_the_first_layers_moves_up_for_q4_0_and_q5_0(tiny, imatrix_file):
     f, im = open_gguf(tiny), read_imatrix(imatrix_file)
-    for base, up in ((Q.Q4_0, Q.Q4_1), (Q.Q5_0, Q.Q5_1)):
+    for base, up in (("Q4_0", Q.Q4_1), ("Q5_0", Q.Q5_1)):  # llama-quantize's presets (a rule of theirs)
         types = {c.name: (c.target, c.why) for c in choose_types(f, base, imatrix=im)}
-        assert types["blk.0.ffn_down.weight"] == (up, "imatrix: ffn_down of layer 0 < 8/8")
-        assert all(types[f"blk.{i}.ffn_down.weight"] == (base, "type") for i in range(1, N_LAYER))
-        assert {c.name: c.target for c in choose_types(f, base)}["blk.0.ffn_down.weight"] == base  # no imatrix
-        assert types["blk.0.ffn_up.weight"][0] == base
-    # --pure, an override, and the other types keep the type
-    assert {c.name: c.target for c in choose_types(f, Q.Q4_0, imatrix=im, pure=True)}["blk.0.ffn_down.weight"] == Q.Q4_0
-    named = choose_types(f, Q.Q4_0, [("ffn_down", Q.Q8_0)], imatrix=im)
+        assert types["blk.0.ffn_down.weight"] == (up, f"{base} rule")
+        assert all(types[f"blk.{i}.ffn_down.weight"] == (Q[base], "type") for i in range(1, N_LAYER))
+        assert {c.name: c.target for c in choose_types(f, base)}["blk.0.ffn_down.weight"] == Q[base]  # no imatrix
+        assert types["blk.0.ffn_up.weight"][0] == Q[base]
+    # --pure, an override, the other types and a uniform type (not a preset) keep the type
+    assert {c.name: c.target for c in choose_types(f, "Q4_0", imatrix=im, pure=True)}["blk.0.ffn_down.weight"] == Q.Q4_0
+    named = choose_types(f, "Q4_0", [("ffn_down", Q.Q8_0)], imatrix=im)
     assert {c.name: c.target for c in named}["blk.0.ffn_down.weight"] == Q.Q8_0
-    assert {c.name: c.target for c in choose_types(f, Q.Q4_1, imatrix=im)}["blk.0.ffn_down.weight"] == Q.Q4_1
+    assert {c.name: c.target for c in choose_types(f, "Q4_1", imatrix=im)}["blk.0.ffn_down.weight"] == Q.Q4_1
+    assert {c.name: c.target for c in choose_types(f, Q.Q4_0, imatrix=im)}["blk.0.ffn_down.weight"] == Q.Q4_0
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q8_0])

@@ -22,21 +22,12 @@ app = typer.Typer(
     help="q-psa: which layers and weights of a quantized GGUF language model matter.",
 )
 
-for command in (model.models, model.inspect, model.ppl, model.download):
-    app.command()(command)
-app.command(context_settings=baseline.BASELINE_CONTEXT)(baseline.baseline)
-app.command()(baseline.agreement)
-app.command()(study.study)
-app.command()(edits.prune)
-app.command()(edits.loop)
-app.command()(score.score)
-app.command()(compare.compare)
-app.command()(noise.noise)
-app.command()(quant.requantize)
-app.command()(quant.sensitivity)
-app.command()(quant.plan)
-app.command()(imatrix.imatrix)
-app.command()(report.report)
+# in the order `q-psa --help` lists them
+COMMANDS = (model.models, model.inspect, model.ppl, model.download, baseline.baseline, baseline.agreement, study.study,
+            edits.prune, edits.loop, score.score, compare.compare, noise.noise, quant.requantize, quant.sensitivity,
+            quant.plan, imatrix.imatrix, report.report)
+for command in COMMANDS:
+    app.command(context_settings=baseline.BASELINE_CONTEXT if command is baseline.baseline else None)(command)
 
 # Options that take several values: `--k 1 2 4` is read as `--k 1 --k 2 --k 4`.
 MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma", "--types")

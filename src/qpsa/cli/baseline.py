@@ -20,16 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import (
-    DatasetOpt,
-    JsonOpt,
-    ModelArg,
-    TextOpt,
-    check_text_choice,
-    model_stem,
-    print_json,
-    results_path,
-)
+from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
 from qpsa.errors import QpsaError
 from qpsa.scores.registry import find_method, method_names
 

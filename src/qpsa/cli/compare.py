@@ -22,7 +22,7 @@ def compare(
     base: Annotated[str, typer.Argument(help="the reference model: a bundled name or a path to a .gguf file")],
     other: Annotated[Optional[str], typer.Argument(help="the model compared with BASE (or give --type)")] = None,
     qtype: Annotated[Optional[str], typer.Option("--type", help="compare with BASE requantized in memory to this "
-                                                                "GGML type, e.g. Q4_0 (instead of OTHER)")] = None,
+                                                                "llama-quantize type, e.g. Q4_K_M or Q4_0 (instead of OTHER)")] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="with --type: REGEX=TYPE for the "
                                                              "tensors whose names match (repeatable)")] = None,
     text: TextOpt = None,
@@ -64,9 +64,9 @@ def compare(
         raise QpsaError(f"--max-new-tokens must be zero or more (got {max_new_tokens})")
     overrides = []
     if qtype is not None:
-        from qpsa.quant.requantize import parse_tensor_type, qtype_named
+        from qpsa.quant.requantize import parse_tensor_type, preset_named
 
-        qtype_named(qtype)
+        preset_named(qtype)
         overrides = [parse_tensor_type(spec) for spec in tensor_type or []]
     base_path = resolve_model(base)
     other_path = resolve_model(other) if other is not None else None

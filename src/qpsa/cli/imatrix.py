@@ -8,16 +8,7 @@ from typing import Annotated
 
 import typer
 
-from qpsa.cli.options import (
-    DatasetOpt,
-    JsonOpt,
-    ModelArg,
-    TextOpt,
-    check_positive,
-    check_text_choice,
-    console,
-    print_json,
-)
+from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_positive, check_text_choice, console, print_json
 from qpsa.errors import QpsaError
 
 

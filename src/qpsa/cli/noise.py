@@ -78,13 +78,13 @@ def noise(
 
 
 def _write(report, out_dir: Path) -> list[str]:
-    """noise.json (atomically) and noise.png in `out_dir`; their paths."""
+    """noise.json (atomically), noise.png and noise.html in `out_dir`; their paths."""
     from qpsa.fsutil import write_atomic
     from qpsa.report.html import write_report_beside
     from qpsa.report.noise_plots import perturbation_by_depth
 
-    json_path, png_path = out_dir / "noise.json", out_dir / "noise.png"
-    files = [str(json_path), str(png_path)]
+    json_path, png_path, html_path = out_dir / "noise.json", out_dir / "noise.png", out_dir / "noise.html"
+    files = [str(json_path), str(png_path), str(html_path)]
     report.files = files
     curves = [{"sigma": s.sigma, "depth": [x.depth for x in s.layers], "rel": [x.rel for x in s.layers],
                "rel_se": [x.rel_se for x in s.layers]} for s in report.embedding.sigmas]
@@ -92,7 +92,7 @@ def _write(report, out_dir: Path) -> list[str]:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(json_path, json.dumps(report.to_dict(), indent=1))
         perturbation_by_depth(png_path, curves, f"Embedding noise through the layers, {Path(report.model['path']).name}")
-        files.append(str(write_report_beside(json_path)))
+        write_report_beside(json_path)  # noise.html
     except OSError as e:
         raise QpsaError(f"--out {out_dir}: cannot write: {e.strerror or e}") from None
     return files

@@ -29,33 +29,38 @@ OutputTypeOpt = Annotated[Optional[str], typer.Option(help="type of the output h
 EmbeddingTypeOpt = Annotated[Optional[str], typer.Option(help="type of token_embd.weight")]
 PureOpt = Annotated[bool, typer.Option(help="one type for every tensor, the output head included")]
 FallbackOpt = Annotated[
-    bool, typer.Option(help="where a type cannot encode a tensor's rows, use llama-quantize's fallback type instead of failing")
+    bool, typer.Option("--fallback/--no-fallback",
+                       help="where a type cannot encode a tensor's rows, take llama-quantize's fallback type "
+                            "(--no-fallback: fail instead, naming the tensor)")
 ]
 
 
 def requantize(
     model: ModelArg,
-    type_: Annotated[str, typer.Option("--type", help="the type for the weights: Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, F16, BF16, F32")],
+    type_: Annotated[str, typer.Option("--type", help="llama-quantize's type (preset): Q4_K_M, Q5_K_M, Q3_K_M, Q6_K, "
+                                                      "Q8_0, Q4_0, Q2_K, Q3_K_S/L, Q4_K_S, Q5_K_S, Q4_1, Q5_0, Q5_1, "
+                                                      "F16, BF16, F32; Q3_K, Q4_K, Q5_K are its aliases of the _M ones")],
     output: Annotated[Optional[str], typer.Option(help="the GGUF file to write")] = None,
     tensor_type: TensorTypeOpt = None,
     output_tensor_type: OutputTypeOpt = None,
     token_embedding_type: EmbeddingTypeOpt = None,
     pure: PureOpt = False,
-    fallback: FallbackOpt = False,
+    fallback: FallbackOpt = True,
     imatrix: Annotated[Optional[str], typer.Option(
         help="importance matrix (GGUF or .dat, from llama-imatrix or q-psa imatrix): quantize as llama-quantize --imatrix")] = None,
     dry_run: Annotated[bool, typer.Option(help="show the types and sizes, write nothing")] = False,
     as_json: JsonOpt = False,
 ):
-    """Re-encode a model's weights into another quantization type, as llama-quantize would (see docs/quantization.md)."""
+    """Re-encode a model's weights as `llama-quantize --allow-requantize MODEL OUT TYPE` does (see docs/quantization.md)."""
     from qpsa.gguf.read import open_gguf
     from qpsa.gguf.write import check_output_path
-    from qpsa.quant.requantize import choose_types, size_summary, write_requantized
+    from qpsa.quant.requantize import choose_types, preset_named, size_summary, write_requantized
     from qpsa.report.progress import progress_bar
     from qpsa.sources.catalog import resolve_model
 
     if output is None and not dry_run:
         raise QpsaError("give --output FILE.gguf (or --dry-run to only show the plan)")
+    preset = preset_named(type_)
     start = time.perf_counter()
     gguf_file = open_gguf(resolve_model(model))
     if output is not None:
@@ -65,16 +70,16 @@ def requantize(
         from qpsa.quant.imatrix import read_imatrix
 
         weights = read_imatrix(imatrix)  # checked against the model by choose_types
-    choices = choose_types(gguf_file, type_, imatrix=weights,
+    choices = choose_types(gguf_file, preset, imatrix=weights,
                            **_type_options(tensor_type, output_tensor_type, token_embedding_type, pure, fallback))
     before = size_summary([_unchanged(c) for c in choices])
     after = size_summary(choices)
     if not dry_run:
         with progress_bar("requantizing", len(choices), quiet=as_json) as advance:
-            write_requantized(gguf_file, choices, output, advance, imatrix=weights)
+            write_requantized(gguf_file, choices, output, advance, file_type=preset.file_type, imatrix=weights)
     seconds = time.perf_counter() - start
-    result = {"model": {"path": str(gguf_file.path), "sha256": gguf_file.sha256}, "type": type_.upper(),
-              "output": None if dry_run else str(output),
+    result = {"model": {"path": str(gguf_file.path), "sha256": gguf_file.sha256}, "type": preset.name,
+              "file_type": preset.file_type, "output": None if dry_run else str(output),
               "imatrix": None if weights is None else _imatrix_summary(weights, choices),
               "before": before, "after": after, "seconds": seconds,
               "tensors": [c.to_dict() for c in choices]}

@@ -9,8 +9,8 @@
    budget where a group's options are not convex).
 3. Check: the whole plan, requantized in memory, against the unmodified model on the held-out
    span (the windows after the measured ones): its actual KLD and PPL beside the predicted sum,
-   and beside llama-quantize's uniform types (`q-psa requantize --type T --fallback`) of the
-   nearest sizes above and below.
+   and beside the uniform types (one type for every weight matrix, llama-quantize's head rule
+   and fallbacks; not its presets' mixtures) of the nearest sizes above and below.
 
 The budget is in bits per weight over every tensor of the file (what llama.cpp prints as BPW):
 8 × tensor bytes / all weights, tensors that are never quantized (norms) included at their size.
@@ -72,12 +72,16 @@ class PlanResult:
                 "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
 
     def llama_quantize_args(self) -> list[str]:
-        """Arguments for llama-quantize reproducing the plan: one --tensor-type per changed tensor."""
+        """Arguments for llama-quantize reproducing the plan: the most common planned type as the
+        preset, and one --tensor-type for every tensor whose planned type differs from what that
+        preset's own rules would give it (llama-quantize applies them to every tensor not named)."""
+        base = _base_type(self.choices)
+        by_preset = {} if base == "copy" else {c.name: c.target for c in choose_types(self._gguf_file, base)}
         args = ["--allow-requantize"]
         for c in self.choices:
-            if c.target != c.source:
+            if c.target != by_preset.get(c.name, c.source):
                 args += ["--tensor-type", f"^{re.escape(c.name)}$={c.target.name.lower()}"]
-        return args + [str(self.source_path), "OUT.gguf", _base_type(self.choices)]
+        return args + [str(self.source_path), "OUT.gguf", base]
 
     def write(self, out: Path, output: str | None, progress: Progress = SILENT) -> list[str]:
         from qpsa.fsutil import write_atomic
@@ -89,10 +93,13 @@ class PlanResult:
         write_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         files.append(str(path))
         recipe = out / "recipe.txt"
+        args = self.llama_quantize_args()
         lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw} bits/weight ({self.granularity} granularity)",
-                 "# one REGEX=TYPE per changed tensor, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
-        lines += [f"^{re.escape(c.name)}$={c.target.name}" for c in self.choices if c.target != c.source]
-        lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in self.llama_quantize_args())]
+                 f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from the "
+                 "preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
+        for regex, _, qtype in (args[i + 1].rpartition("=") for i, a in enumerate(args) if a == "--tensor-type"):
+            lines.append(f"{regex}={qtype.upper()}")
+        lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in args)]
         write_atomic(recipe, "\n".join(lines) + "\n")
         files.append(str(recipe))
         if output:

@@ -1,34 +1,42 @@
 """Re-encoding a GGUF model's weights into other quantization types, on disk or in memory.
 
-    choices = choose_types(gguf_file, "Q4_0")                      # which type each tensor gets, and why
-    write_requantized(gguf_file, choices, "model-q4_0.gguf")      # a GGUF that llama.cpp and q-psa load
+    choices = choose_types(gguf_file, "Q4_K_M")                    # which type each tensor gets, and why
+    write_requantized(gguf_file, choices, "model-q4_k_m.gguf", file_type=preset_named("Q4_K_M").file_type)
     loaded_q4 = requantize_model(loaded, "Q4_0")                  # the same weights, in memory only
 
-Type choice follows llama-quantize without an importance matrix (src/llama-quant.cpp), so
-`q-psa requantize m.gguf --type Q4_0` and `llama-quantize --allow-requantize m.gguf Q4_0` pick the
-same type for every tensor:
+`choose_types` takes llama-quantize's type names (its presets: Q4_K_M, Q3_K_S, Q4_0, …, and the
+aliases Q3_K, Q4_K, Q5_K of Q3_K_M, Q4_K_M, Q5_K_M) and gives every tensor the type
+`llama-quantize --allow-requantize m.gguf out.gguf TYPE` gives it (src/llama-quant.cpp,
+`llama_tensor_get_type`), in this order of precedence:
 
-* Only tensors llama-quantize quantizes change: 2-D or larger, name ending in "weight", not a
-  norm, not an expert router or position/token-type embedding. The rest are copied.
-* The output head (`output.weight`, or `token_embd.weight` where the head is tied to it) gets
-  Q6_K, or Q8_0 when the type is Q8_0 or its rows do not fit Q6_K's 256-weight blocks, unless
-  `output_type` says otherwise. `pure=True` gives every tensor the one type instead.
-* `overrides` are llama-quantize's `--tensor-type REGEX=TYPE`: the first regex found anywhere in
-  the tensor's name (Python `re.search`) sets its type, and the output-head rule no longer applies.
-* A tensor whose type is unchanged is copied byte for byte (llama-quantize does the same).
-* The K-quant presets' per-layer bumps (Q4_K_M's Q6_K attn_v and ffn_down in some layers) are not
-  applied: `--type Q4_K` is Q4_K everywhere but the head. Use `q-psa plan` for a measured mixture.
+1. Only tensors llama-quantize quantizes change: 2-D or larger, name ending in "weight", not a
+   norm, an expert router, a position/token-type embedding or one of its small special tables.
+   The rest are copied byte for byte, as is any tensor whose type does not change.
+2. `token_embedding_type` (--token-embedding-type) sets token_embd.weight; `output_type`
+   (--output-tensor-type) sets output.weight. No fallback: a type that cannot encode the rows is
+   an error.
+3. F32, F16 and BF16 presets give every other quantizable tensor that type (no override applies).
+4. `overrides` (--tensor-type REGEX=TYPE): the first regex found anywhere in the tensor's name
+   (Python `re.search`) sets its type.
+5. Otherwise the preset's rules (`qpsa.quant.presets`: the head in Q6_K or Q8_0, and the
+   per-layer bumps of the K-quant mixtures), or with `pure=True` the preset's base type for all,
+   the head included. A head tied to the embedding takes `output_type` here.
+6. Fallback where a type's blocks do not divide the row length (K-quants need multiples of 256):
+   Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; F16 where even those do not fit
+   (and for 32-weight types). `fallback=False` refuses instead, with one line naming the tensor,
+   where the type is the preset's base type or an override (the head and the rules' bumps always
+   fall back, as llama-quantize's do).
 
-A type whose block does not divide a tensor's row length (K-quants need multiples of 256) is an
-error naming the tensor, unless `fallback=True`, which takes llama-quantize's fallback types:
-Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16 where even those do not fit.
+A GGMLQuantizationType instead of a name is a "uniform" choice, not a llama-quantize preset: that
+type for every weight matrix, the head rule, the fallbacks (what `q-psa plan` compares with).
+Q2_K_S's Q2_K tensors need an importance matrix (`has_imatrix`), as in llama-quantize.
 
 With an importance matrix (`imatrix`, a `qpsa.quant.imatrix.Imatrix` checked against the model),
 every tensor that has an entry is quantized with its weights (in_sum2 / count per column, per expert
 for 3-D tensors), as llama-quantize --imatrix does; a tensor without an entry (the token embedding,
-the output head) is quantized without. The one type choice an imatrix changes for the types q-psa
-writes: with `Q4_0` (`Q5_0`), ffn_down of the first n_layer/8 layers gets Q4_1 (Q5_1), unless `pure`
-or an override names it. (The types llama-quantize refuses without an imatrix, IQ1/IQ2/IQ3_XXS, and
+the output head) is quantized without. The type choices an imatrix changes for the types q-psa
+writes are the presets' rules with `has_imatrix` (`qpsa.quant.presets`): with `Q4_0` (`Q5_0`),
+ffn_down of the first n_layer/8 layers gets Q4_1 (Q5_1), unless `pure` or an override names it. (The types llama-quantize refuses without an imatrix, IQ1/IQ2/IQ3_XXS, and
 Q2_K within a Q2_K_S mixture, are not types q-psa writes.) The output records the file as
 llama-quantize does (`quantize.imatrix.file`, `.dataset`, `.entries_count`, `.chunks_count`) and its
 sha256 (`quantize.imatrix.sha256`, q-psa's addition).
@@ -57,6 +65,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile
 from qpsa.progress import Advance, no_progress
+from qpsa.quant.presets import (
+    NEEDS_IMATRIX,
+    PRESETS,
+    Mixture,
+    ModelFacts,
+    Preset,
+    category,
+    find_preset,
+    is_float,
+    llama_quantize_order,
+)
 
 if TYPE_CHECKING:
     from qpsa.quant.imatrix import Imatrix
@@ -75,7 +94,17 @@ FILE_TYPES = {
     Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, Q.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
 }
-_NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "token_types.weight")
+# llama-quantize's presets whose base type q-psa writes, in llama-quantize's order
+WRITABLE_PRESETS = [p.name for p in PRESETS.values() if p.base in {t.name for t in WRITABLE}]
+# names llama-quantize never quantizes (parts of the name), besides 1-D tensors and non-"weight" names
+_NOT_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "position_embd.weight", "token_types.weight",
+    "altup", "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+    "indexer.q_proj.weight", "attn_rel_b.weight", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos",
+    ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+    *(f"time_mix_{part}.weight" for part in ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1",
+                                              "g2", "decay_w1", "decay_w2", "lerp_fused")),
+)
 
 
 def qtype_named(name: str) -> GGMLQuantizationType:
@@ -89,9 +118,28 @@ def qtype_named(name: str) -> GGMLQuantizationType:
     return qtype
 
 
+def preset_named(name: str | Preset) -> Preset:
+    """llama-quantize's preset of that name ('q4_k_m', 'Q4_K', '15'); an unknown name, or a preset
+    whose base type q-psa cannot write (IQ*, TQ*, MXFP4…), is a one-line error."""
+    if isinstance(name, Preset):
+        return name
+    preset = find_preset(name)
+    if preset.name not in WRITABLE_PRESETS:
+        raise QpsaError(f"{preset.name} needs the type {preset.base}, which q-psa cannot write; "
+                        f"q-psa writes {', '.join(WRITABLE_PRESETS)}")
+    return preset
+
+
+def uniform_preset(qtype: GGMLQuantizationType) -> Preset:
+    """Not a llama-quantize preset: `qtype` for every weight matrix, the head rule and the fallbacks."""
+    return Preset(qtype.name, int(FILE_TYPES[qtype]), qtype.name, uniform=True)
+
+
 def parse_tensor_type(spec: str) -> tuple[str, GGMLQuantizationType]:
-    """llama-quantize's --tensor-type syntax, REGEX=TYPE -> (regex, type)."""
-    pattern, sep, type_name = spec.rpartition("=")
+    """llama-quantize's --tensor-type syntax, REGEX=TYPE -> (regex, type); like llama-quantize,
+    the regex is lower-cased (tensor names are)."""
+    pattern, sep, type_name = spec.partition("=")
+    pattern = pattern.lower()
     if not sep or not pattern:
         raise QpsaError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'ffn_down=q6_k'")
     try:
@@ -135,89 +183,80 @@ def is_quantizable(name: str, shape: Sequence[int]) -> bool:
 
 def choose_types(
     gguf_file: GGUFFile,
-    base: str | GGMLQuantizationType,
+    preset: str | Preset | GGMLQuantizationType,
     overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
     output_type: GGMLQuantizationType | None = None,
     token_embedding_type: GGMLQuantizationType | None = None,
     pure: bool = False,
-    fallback: bool = False,
+    fallback: bool = True,
+    has_imatrix: bool = False,
     imatrix: Imatrix | None = None,
 ) -> list[TensorChoice]:
-    """The type of every tensor of `gguf_file`, by the rules in this module's docstring; QpsaError for an
-    `imatrix` that does not fit the model (`Imatrix.check_against`)."""
-    base = qtype_named(base) if isinstance(base, str) else base
+    """The type of every tensor of `gguf_file`, in file order, by the rules in this module's docstring;
+    QpsaError for an `imatrix` that does not fit the model (`Imatrix.check_against`)."""
     if imatrix is not None:
         imatrix.check_against(gguf_file)
-    tied = "output.weight" not in gguf_file.tensors
-    ffn_down = []  # indices of the ffn_down choices llama-quantize may move up with an imatrix
-    choices = []
-    for name, t in gguf_file.tensors.items():
+        has_imatrix = True
+    preset = uniform_preset(preset) if isinstance(preset, GGMLQuantizationType) else preset_named(preset)
+    facts = ModelFacts.of(gguf_file)
+    mixture = Mixture(preset, facts, has_imatrix, output_type.name if output_type is not None else None)
+    chosen = {}
+    for name in llama_quantize_order(gguf_file.tensors):  # the rules count attn_v and ffn_down in this order
+        t = gguf_file.tensors[name]
         if not is_quantizable(name, t.shape):
-            choices.append(TensorChoice(name, t.shape, t.qtype, t.qtype, "not quantized"))
+            chosen[name] = TensorChoice(name, t.shape, t.qtype, t.qtype, "not quantized")
             continue
-        is_head = name == "output.weight" or (tied and name == "token_embd.weight")
-        target, why, explicit = base, "type", True
-        if token_embedding_type is not None and name == "token_embd.weight":
-            target, why = token_embedding_type, "--token-embedding-type"
-        elif output_type is not None and is_head:
-            target, why = output_type, "--output-tensor-type"
-        else:
-            for pattern, qtype in overrides:
-                if re.search(pattern, name):
-                    target, why = qtype, f"override {pattern}"
-                    break
-            else:
-                if is_head and not pure and base not in (Q.F32, Q.F16, Q.BF16):
-                    target, why, explicit = _head_type(base, t.shape[-1]), "output head", False
-                elif imatrix is not None and not pure and "ffn_down" in name:
-                    ffn_down.append(len(choices))
-        target, why = _fit(name, t.shape[-1], target, why, fallback or not explicit)
-        choices.append(TensorChoice(name, t.shape, t.qtype, target, why))
-    if base in IMATRIX_FFN_DOWN:
-        _imatrix_ffn_down(gguf_file, choices, ffn_down, IMATRIX_FFN_DOWN[base])
-    return choices
+        target, why = _choose_one(name, t.shape[-1], preset, mixture, overrides, output_type, token_embedding_type,
+                                  pure, fallback)
+        if NEEDS_IMATRIX.get(preset.name) == target.name and category(name) not in ("token_embd", "output") \
+                and not has_imatrix:
+            raise QpsaError(f"{preset.name} gives {name} the type {target.name}, which llama-quantize writes only "
+                            f"with an importance matrix; choose Q2_K or Q3_K_S")
+        chosen[name] = TensorChoice(name, t.shape, t.qtype, target, why)
+    return [chosen[name] for name in gguf_file.tensors]
 
 
-# llama-quantize with an imatrix: ffn_down of the first n_layer/8 layers one type up (llama_tensor_get_type_impl)
-IMATRIX_FFN_DOWN = {Q.Q4_0: Q.Q4_1, Q.Q5_0: Q.Q5_1}
+def _choose_one(name, row, preset, mixture, overrides, output_type, token_embedding_type, pure, fallback):
+    """(type, why) of one quantizable tensor, in llama-quantize's order of precedence."""
+    role = category(name)
+    if token_embedding_type is not None and role == "token_embd" and not (
+            name == "per_layer_token_embd.weight" and _override(name, overrides)):
+        return _fit(name, row, token_embedding_type, "--token-embedding-type", fallback=None)
+    if output_type is not None and role == "output":
+        return _fit(name, row, output_type, "--output-tensor-type", fallback=None)
+    base = Q[preset.base]
+    if is_float(preset.base):
+        return base, "type"
+    match = _override(name, overrides)
+    if match is not None:
+        return _fit(name, row, match[1], f"override {match[0]}", fallback)
+    if pure:
+        return _fit(name, row, base, "type", fallback)
+    target = Q[mixture.type_for(name, row)]
+    if role == "output" or (mixture.facts.tied and role == "token_embd"):
+        if output_type is not None:
+            return _fit(name, row, target, "--output-tensor-type", fallback)
+        return _fit(name, row, target, "output head", True)
+    if target == base:
+        return _fit(name, row, target, "type", fallback)
+    return _fit(name, row, target, f"{preset.name} rule", True)
 
 
-def _imatrix_ffn_down(gguf_file: GGUFFile, choices: list[TensorChoice], indices: list[int], up) -> None:
-    """Move ffn_down of layers < n_layer/8 to `up`, where layer is llama-quantize's: the tensor's rank
-    among the ffn_down tensors in its order (blk.N, then name), or its blk.N in an expert model."""
-    arch = gguf_file.metadata.get("general.architecture", "")
-    n_layer = int(gguf_file.metadata.get(f"{arch}.block_count", 0))
-    by_name = int(gguf_file.metadata.get(f"{arch}.expert_count", 0) or 0) > 1
-    ordered = sorted(indices, key=lambda i: (_block_number(choices[i].name), choices[i].name))
-    for rank, i in enumerate(ordered):
-        layer = max(_block_number(choices[i].name), 0) if by_name else rank
-        if layer < n_layer // 8 and choices[i].why == "type":  # (a fallback type stays: up has the same blocks)
-            choices[i] = dataclasses.replace(choices[i], target=up,
-                                             why=f"imatrix: ffn_down of layer {layer} < {n_layer}/8")
+def _override(name: str, overrides) -> tuple[str, GGMLQuantizationType] | None:
+    """The first (regex, type) of --tensor-type whose regex is found in the name."""
+    return next(((pattern, qtype) for pattern, qtype in overrides if re.search(pattern, name)), None)
 
 
-def _block_number(name: str) -> int:
-    """N of a blk.N. name, -1 for other names (llama.cpp's weight order puts them first)."""
-    match = re.match(r"blk\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
-
-
-def _head_type(base: GGMLQuantizationType, row: int) -> GGMLQuantizationType:
-    """llama-quantize's default for the output head: Q6_K, Q8_0 if the type is Q8_0 or rows do not fit."""
-    if row % GGML_QUANT_SIZES[base][0] or base == Q.Q8_0:
-        return Q.Q8_0
-    return Q.Q6_K
-
-
-def _fit(name: str, row: int, target, why: str, fallback: bool):
+def _fit(name: str, row: int, target, why: str, fallback: bool | None):
+    """`target`, or llama-quantize's fallback type where its blocks do not divide the row length
+    (fallback False: refused, None: refused, as llama-quantize has no fallback there)."""
     block = GGML_QUANT_SIZES[target][0]
     if row % block == 0:
         return target, why
     if not fallback:
-        raise QpsaError(
-            f"{name}: {target.name} cannot encode rows of {row} weights (its blocks hold {block}); "
-            f"choose another type, or --fallback for llama-quantize's fallback types"
-        )
+        hint = "" if fallback is None else ", or leave out --no-fallback for llama-quantize's fallback types"
+        raise QpsaError(f"{name}: {target.name} cannot encode rows of {row} weights (its blocks hold {block}); "
+                        f"choose another type{hint}")
     new = FALLBACK.get(target, Q.F16)
     if row % GGML_QUANT_SIZES[new][0]:
         new = Q.F16
@@ -260,22 +299,24 @@ def requantized_tensors(
 
 def write_requantized(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], out: str | os.PathLike,
-    advance: Advance = no_progress, imatrix: Imatrix | None = None,
+    advance: Advance = no_progress, file_type: int | None = None, imatrix: Imatrix | None = None,
 ) -> Path:
-    """Write the model with every tensor in its chosen type (metadata copied, file type updated); with an
-    `imatrix`, quantized with its weights and recorded in the metadata (module docstring)."""
+    """Write the model with every tensor in its chosen type (metadata copied). `file_type` is the
+    general.file_type to write (a preset's, `preset_named("Q4_K_M").file_type`); by default that of
+    the type most tensors got. With an `imatrix`, quantized with its weights and recorded in the
+    metadata (module docstring)."""
     from qpsa.gguf.write import check_output_path, write_gguf
 
     out = check_output_path(out, gguf_file.path)
     metadata = dict(gguf_file.metadata)
     types = dict(gguf_file.layout.value_types)
-    base = _base_type(choices)
-    if base in FILE_TYPES:
-        metadata["general.file_type"] = int(FILE_TYPES[base])
+    if file_type is None and _base_type(choices) in FILE_TYPES:
+        file_type = FILE_TYPES[_base_type(choices)]
+    if file_type is not None:
+        metadata["general.file_type"] = int(file_type)
         types["general.file_type"] = (gguf.GGUFValueType.UINT32, None)
-    if any(qtype not in (Q.F32, Q.F16, Q.BF16) for qtype in (c.target for c in choices)):
-        metadata["general.quantization_version"] = gguf.GGML_QUANT_VERSION
-        types["general.quantization_version"] = (gguf.GGUFValueType.UINT32, None)
+    metadata["general.quantization_version"] = gguf.GGML_QUANT_VERSION  # llama-quantize writes it, F16 files too
+    types["general.quantization_version"] = (gguf.GGUFValueType.UINT32, None)
     if imatrix is not None:
         for key, (value, value_type) in imatrix_metadata(imatrix).items():
             metadata[key] = value
@@ -308,7 +349,7 @@ def _base_type(choices: Sequence[TensorChoice]) -> GGMLQuantizationType | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), advance: Advance = no_progress,
+def requantize_model(loaded, base: str | Preset | GGMLQuantizationType, overrides=(), advance: Advance = no_progress,
                      imatrix: Imatrix | None = None, **options):
     """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options; `imatrix`
     weights the quantizers); same config and tokenizer, nothing written to disk. `.name` says what was done."""
@@ -316,13 +357,13 @@ def requantize_model(loaded, base: str | GGMLQuantizationType, overrides=(), adv
     from qpsa.model.transformer import Transformer
 
     start = time.perf_counter()
-    choices = choose_types(loaded.file, base, overrides, imatrix=imatrix, **options)
+    preset = uniform_preset(base) if isinstance(base, GGMLQuantizationType) else preset_named(base)
+    choices = choose_types(loaded.file, preset, overrides, imatrix=imatrix, **options)
     weights = {}
     for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, advance, imatrix):
         weights[name] = dequantize(np.asarray(raw), qtype, shape)
     model = Transformer(loaded.config, weights, dtype=loaded.model.dtype)
-    label = base.name if isinstance(base, GGMLQuantizationType) else qtype_named(base).name
-    label += "".join(f", {p}={t.name}" for p, t in overrides) + (" with imatrix" if imatrix is not None else "")
+    label = preset.name + "".join(f", {p}={t.name}" for p, t in overrides) + (" with imatrix" if imatrix is not None else "")
     seconds = time.perf_counter() - start
     return dataclasses.replace(loaded, name=f"{loaded.name} requantized to {label}", model=model,
                                load_seconds=seconds, requantized=choices)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qpsa.errors import QpsaError
+from qpsa.fsutil import user_file
 
 KINDS = ("study", "scores", "edits", "sensitivity", "plan", "compare", "noise")
 
@@ -100,13 +101,10 @@ def _load_folder(folder: Path) -> list[Result]:
 
 def _read_json(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QpsaError(f"{path}: no such results file or folder") from None
+        with user_file(path, "results file or folder"):
+            text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QpsaError(f"{path}: not a q-psa result (not UTF-8 text)") from None
-    except OSError as e:
-        raise QpsaError(f"{path}: cannot read: {e.strerror}") from None
     try:
         return json.loads(text, parse_constant=_constant)
     except ValueError as e:

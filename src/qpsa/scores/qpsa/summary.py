@@ -10,14 +10,7 @@ import torch
 
 from qpsa.scores.qpsa.evaluate import Evaluator, other_precision
 from qpsa.scores.qpsa.moves import MatrixPlan, plan_unit
-from qpsa.scores.qpsa.settings import (
-    FLOOR_LAYER,
-    FLOOR_SAMPLES_PER_MATRIX,
-    LAYER,
-    MATRICES,
-    ROUNDOFF_RATIO,
-    QpsaSettings,
-)
+from qpsa.scores.qpsa.settings import FLOOR_LAYER, FLOOR_SAMPLES_PER_MATRIX, LAYER, MATRICES, ROUNDOFF_RATIO, QpsaSettings
 from qpsa.stats import mean_se
 
 # ---- per-unit results and aggregation ---------------------------------------------------------
