@@ -93,9 +93,20 @@ class PlanResult:
         return {"target_bpw": self.target_bpw, "target_preset": self.target_preset, "budget_bytes": self.budget_bytes,
                 "granularity": self.granularity, "types": self.types, "imatrix": self.imatrix,
                 "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform],
-                "presets": [p.to_dict() for p in self.presets], "fallback": self.fallback, "groups": self.groups,
+                "presets": [p.to_dict() for p in self.presets], "frontier": self.frontier(),
+                "fallback": self.fallback, "groups": self.groups,
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
                 "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
+
+    def frontier(self) -> list[str]:
+        """Labels of the presets and uniform types on the Pareto frontier of (size, held-out KLD):
+        none of the others is both no larger and lower in KLD. Smallest first."""
+        out, best = [], float("inf")
+        for m in sorted(self.presets + self.uniform, key=lambda m: (m.n_bytes, m.stats.kld)):
+            if m.stats.kld < best:
+                out.append(m.label)
+                best = m.stats.kld
+        return out
 
     def llama_quantize_args(self) -> list[str]:
         """Arguments for llama-quantize reproducing the plan (or its fallback): the most common

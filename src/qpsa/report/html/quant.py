@@ -76,8 +76,10 @@ def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
         groups.append(("uniform types", "o", [_point(u, u["label"].replace("uniform ", "")) for u in uniform]))
     if presets:  # llama-quantize's mixtures (Q4_K_M, …), measured as the uniform types are
         groups.append(("llama-quantize presets", "s", [_point(p, p["label"]) for p in presets]))
+    frontier = [(m["bits_per_weight"], m["kld"]) for m in [*uniform, *presets] if m["label"] in d.get("frontier", [])]
     chart = charts.points(f"KLD against size: the plan at {num(d['target_bpw'])} bits/weight", "bits per weight",
-                          "KLD (nats/token, held-out)", groups)
+                          "KLD (nats/token, held-out)", groups,
+                          line=("Pareto frontier of presets and uniform types", sorted(frontier)))
     trows = [[cell(m["label"]), value_cell(m["bits_per_weight"], spec=".4f"), cell(size(m["bytes"]), m["bytes"]),
               value_cell(m["kld"], m["kld_se"], what="mean KLD on the held-out span, nats per token"),
               value_cell(m.get("predicted_kld"), m.get("predicted_kld_se"),
