@@ -102,14 +102,14 @@ def test_imatrix_reaches_every_requantization(capsys, tiny, tmp_path):
     files = {}
     for name, extra in (("plain", ()), ("weighted", ("--imatrix", tiny[2]))):
         plan = _plan(capsys, tiny, tmp_path / name, "--target-bpw", 5.0, "--output", tmp_path / f"{name}.gguf", *extra)
-        files[name] = (plan, open_gguf(tmp_path / f"{name}.gguf"))
+        files[name] = (plan, (tmp_path / f"{name}.gguf").read_bytes())
     plan, written = files["weighted"]
     assert plan["imatrix"]["sha256"] == file_sha256(tiny[2])
     assert "--imatrix" in plan["llama_quantize"]
     checkpoint = json.loads((tmp_path / "weighted" / "sensitivity-Q4_K-layer.json").read_text())
     assert checkpoint["imatrix"]["sha256"] == file_sha256(tiny[2])
     plain_plan, plain_written = files["plain"]
-    assert plain_plan["imatrix"] is None
+    assert plain_plan["imatrix"] is None and written != plain_written
     # the same presets, the same sizes, other measurements: they were requantized with the weights
     plain_presets = {p["label"]: p for p in plain_plan["presets"]}
     common = [p for p in plan["presets"] if p["label"] in plain_presets]

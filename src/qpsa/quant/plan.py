@@ -38,14 +38,7 @@ from gguf import GGMLQuantizationType
 
 from qpsa.errors import QpsaError
 from qpsa.progress import SILENT, Progress
-from qpsa.quant.requantize import (
-    TensorChoice,
-    choose_types,
-    is_quantizable,
-    preset_named,
-    qtype_named,
-    requantized_tensors,
-)
+from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, preset_named, qtype_named, requantized_tensors
 from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
 
 Q = GGMLQuantizationType
@@ -137,11 +130,11 @@ class PlanResult:
         args = self.llama_quantize_args()
         lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw:.4f} bits/weight ({self.granularity} granularity"
                  + (f", the size of {self.target_preset}" if self.target_preset else "") + ")",
-                 *([f"# FALLBACK: {self.fallback['label']} measured a lower held-out KLD than the plan "
-                    f"({self.fallback['kld']:.4g} vs {self.fallback['plan_kld']:.4g}); this recipe is {self.fallback['label']}"]
-                   if self.fallback else []),
-                 f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from the "
-                 "preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
+                 *([(f"# FALLBACK: {self.fallback['label']} measured a lower held-out KLD than the plan "
+                     f"({self.fallback['kld']:.4g} vs {self.fallback['plan_kld']:.4g}); this recipe is "
+                     f"{self.fallback['label']}")] if self.fallback else []),
+                 (f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from "
+                  "the preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type")]
         for regex, _, qtype in (args[i + 1].rpartition("=") for i, a in enumerate(args) if a == "--tensor-type"):
             lines.append(f"{regex}={qtype.upper()}")
         lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in args)]
