@@ -109,7 +109,9 @@ def test_plan_page_has_the_chart_the_recipe_and_the_command(results, tmp_path):
         assert m["label"] in text and pm(m["kld"], m["kld_se"]) in text
     assert pm(d["plan"]["predicted_kld"], d["plan"]["predicted_kld_se"]) in text
     command = "llama-quantize " + " ".join(shlex.quote(a) for a in d["llama_quantize"])
-    assert html.escape(command) in doc and "--tensor-type" in command
+    assert html.escape(command) in doc
+    # the plan's own overrides, or (a preset fitting the budget measured better) that preset itself
+    assert "--tensor-type" in command or d["fallback"]["label"].lower() == command.split()[-1]
     for g in d["groups"]:
         assert g["group"] in text and g["type"] in text
     # plan.json names no model: the header takes it from the sensitivity files beside it
@@ -126,6 +128,12 @@ def test_plan_page_draws_measured_presets_beside_uniform_types(results, tmp_path
     (folder / "plan.json").write_text(json.dumps({**d, "presets": [preset]}))
     doc = write_report([folder], tmp_path / "p.html").read_text()
     assert "llama-quantize presets" in doc and "Q4_K_M" in text_of(doc) and pm(0.012345, 0.000678) in text_of(doc)
+    # the Pareto frontier of the presets and uniform types, and a fallback said in words
+    fallback = {"label": "Q4_K_M", "kld": 0.012345, "kld_se": 0.000678, "plan_kld": 0.5, "bytes": preset["bytes"]}
+    (folder / "plan.json").write_text(json.dumps({**d, "presets": [preset], "frontier": ["Q4_K_M"],
+                                                  "target_preset": "Q4_K_M", "fallback": fallback}))
+    text = text_of(write_report([folder], tmp_path / "f.html").read_text())
+    assert "Pareto frontier" in text and "Fallback: Q4_K_M fits the budget" in text and "the size of Q4_K_M" in text
 
 
 def test_compare_page_has_the_statistics_and_the_answers_marked(results, tmp_path):

@@ -124,6 +124,9 @@ def _unchanged(choice):
 CtxOpt = Annotated[int, typer.Option(help="window size in tokens (llama.cpp's perplexity protocol)")]
 GranularityOpt = Annotated[str, typer.Option(help="requantize one layer at a time, or one tensor at a time")]
 ResumeOpt = Annotated[bool, typer.Option(help="reuse the finished groups of a matching earlier run in --out")]
+ImatrixOpt = Annotated[Optional[str], typer.Option(
+    help="importance matrix (GGUF or .dat, from llama-imatrix or q-psa imatrix): every requantization is weighted "
+         "by it, as llama-quantize --imatrix")]
 
 
 def sensitivity(
@@ -136,6 +139,7 @@ def sensitivity(
     chunks: Annotated[int, typer.Option(help="windows of text to measure on")] = 4,
     out: Annotated[Optional[str], typer.Option(help="folder for the JSON, CSV and plot (default sensitivity-MODEL)")] = None,
     resume: ResumeOpt = False,
+    imatrix: ImatrixOpt = None,
     as_json: JsonOpt = False,
 ):
     """Requantize one layer (or tensor) at a time and measure the KL divergence and PPL change it causes."""
@@ -143,7 +147,8 @@ def sensitivity(
     from qpsa.report.quant_files import write_sensitivity
 
     qtype = qtype_named(to)
-    session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json)
+    session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json,
+                       imatrix=imatrix)
     result = session.sensitivity(qtype, granularity, resume)
     files = write_sensitivity(session, result)
     if as_json:
@@ -154,13 +159,14 @@ def sensitivity(
     console().print("wrote " + ", ".join(files))
 
 
-def _session(model, text, dataset, ctx, chunks, out, default_out, quiet, held_out: bool = False):
+def _session(model, text, dataset, ctx, chunks, out, default_out, quiet, held_out: bool = False,
+             imatrix: str | None = None):
     from qpsa.quant.session import MeasurementSession
     from qpsa.report.progress import ConsoleProgress
 
     check_positive(ctx=ctx, chunks=chunks)
     return MeasurementSession(model, text, dataset, ctx, chunks, results_folder(out, default_out),
-                              ConsoleProgress(quiet), held_out)
+                              ConsoleProgress(quiet), held_out, imatrix)
 
 
 DEFAULT_PLAN_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
@@ -168,7 +174,10 @@ DEFAULT_PLAN_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 
 def plan(
     model: ModelArg,
-    target_bpw: Annotated[float, typer.Option(help="size budget in bits per weight over all tensors (llama.cpp's BPW)")],
+    target_bpw: Annotated[Optional[float], typer.Option(
+        help="size budget in bits per weight over all tensors (llama.cpp's BPW)")] = None,
+    target_preset: Annotated[Optional[str], typer.Option(
+        help="size budget: exactly the size of this llama-quantize preset on the model, e.g. Q4_K_M")] = None,
     types: Annotated[Optional[list[str]], typer.Option("--types", help="candidate types (default Q8_0 Q6_K Q5_K Q4_K Q3_K Q2_K)")] = None,
     granularity: GranularityOpt = "layer",
     text: TextOpt = None,
@@ -178,23 +187,30 @@ def plan(
     out: Annotated[Optional[str], typer.Option(help="folder for plan.json, the recipe and the sensitivities (default plan-MODEL)")] = None,
     output: Annotated[Optional[str], typer.Option(help="also write the planned GGUF here")] = None,
     resume: ResumeOpt = False,
+    imatrix: ImatrixOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out text."""
+    """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out
+    text against llama-quantize's presets and uniform types, falling back to the best of them that fits if it is better."""
     from qpsa.gguf.write import check_output_path
     from qpsa.quant.plan import make_plan
-    from qpsa.quant.requantize import qtype_named
+    from qpsa.quant.requantize import preset_named, qtype_named
     from qpsa.report.html import write_report_beside
     from qpsa.report.quant_files import write_sensitivity
 
     qtypes = [qtype_named(t) for t in (types or DEFAULT_PLAN_TYPES)]
-    if not (0 < target_bpw < 64):
+    if (target_bpw is None) == (target_preset is None):
+        raise QpsaError("give one budget: --target-bpw B or --target-preset NAME (e.g. Q4_K_M)")
+    if target_preset is not None:
+        target_preset = preset_named(target_preset).name
+    elif not (0 < target_bpw < 64):
         raise QpsaError(f"--target-bpw must be between 0 and 64 bits per weight (got {target_bpw})")
-    session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True)
+    session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True,
+                       imatrix=imatrix)
     if output is not None:
         check_output_path(output, session.loaded.path)
     result = make_plan(session, qtypes, target_bpw, granularity, resume,
-                       measured=lambda r: write_sensitivity(session, r))
+                       measured=lambda r: write_sensitivity(session, r), target_preset=target_preset)
     files = result.write(session.out, output, session.progress)
     files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:

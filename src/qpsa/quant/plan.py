@@ -9,16 +9,25 @@
    budget where a group's options are not convex).
 3. Check: the whole plan, requantized in memory, against the unmodified model on the held-out
    span (the windows after the measured ones): its actual KLD and PPL beside the predicted sum,
-   and beside the uniform types (one type for every weight matrix, llama-quantize's head rule
-   and fallbacks; not its presets' mixtures) of the nearest sizes above and below.
+   beside the uniform types (one type for every weight matrix, llama-quantize's head rule and
+   fallbacks) of the nearest sizes above and below the plan, and beside llama-quantize's presets
+   (PRESET_NAMES: Q2_K … Q6_K, its mixtures) whose size is within the candidates' range, and
+   always the nearest above and below the budget.
+4. Never worse: if a preset or uniform type that fits the budget measured a lower held-out KLD
+   than the plan (the additive prediction missed), the result names it (`fallback`) and its
+   types replace the plan's in the recipe and the written file.
 
 The budget is in bits per weight over every tensor of the file (what llama.cpp prints as BPW):
-8 × tensor bytes / all weights, tensors that are never quantized (norms) included at their size.
+8 × tensor bytes / all weights, tensors that are never quantized (norms) included at their size;
+or a preset's exact size on the model (`target_preset`). With an importance matrix
+(`session.imatrix`), every requantization — candidates, plan, uniform types, presets — is
+weighted by it, as llama-quantize --imatrix does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -29,10 +38,11 @@ from gguf import GGMLQuantizationType
 
 from qpsa.errors import QpsaError
 from qpsa.progress import SILENT, Progress
-from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, qtype_named, requantized_tensors
+from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, preset_named, qtype_named, requantized_tensors
 from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
 
 Q = GGMLQuantizationType
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,22 +72,46 @@ class PlanResult:
     choices: list[TensorChoice]  # per tensor, for requantize
     plan: Measured
     uniform: list[Measured] = field(default_factory=list)
+    presets: list[Measured] = field(default_factory=list)  # llama-quantize's mixtures, label = the preset
     seconds: float = 0.0
+    target_preset: str | None = None  # the budget is this preset's exact size on the model
+    budget_bytes: int = 0  # all tensors' bytes allowed
+    fallback: dict | None = None  # {"label", "kld", "plan_kld"} where a preset or uniform type beat the plan
+    imatrix: dict | None = None  # {"path", "sha256"} of the importance matrix every candidate was weighted by
     _gguf_file: object = None
+    _imatrix: object = None
+    _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
 
     def to_dict(self) -> dict:
-        return {"target_bpw": self.target_bpw, "granularity": self.granularity, "types": self.types,
-                "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform], "groups": self.groups,
+        return {"target_bpw": self.target_bpw, "target_preset": self.target_preset, "budget_bytes": self.budget_bytes,
+                "granularity": self.granularity, "types": self.types, "imatrix": self.imatrix,
+                "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform],
+                "presets": [p.to_dict() for p in self.presets], "frontier": self.frontier(),
+                "fallback": self.fallback, "groups": self.groups,
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
                 "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
 
+    def frontier(self) -> list[str]:
+        """Labels of the presets and uniform types on the Pareto frontier of (size, held-out KLD):
+        none of the others is both no larger and lower in KLD. Smallest first."""
+        out, best = [], float("inf")
+        for m in sorted(self.presets + self.uniform, key=lambda m: (m.n_bytes, m.stats.kld)):
+            if m.stats.kld < best:
+                out.append(m.label)
+                best = m.stats.kld
+        return out
+
     def llama_quantize_args(self) -> list[str]:
-        """Arguments for llama-quantize reproducing the plan: the most common planned type as the
-        preset, and one --tensor-type for every tensor whose planned type differs from what that
-        preset's own rules would give it (llama-quantize applies them to every tensor not named)."""
-        base = _base_type(self.choices)
-        by_preset = {} if base == "copy" else {c.name: c.target for c in choose_types(self._gguf_file, base)}
+        """Arguments for llama-quantize reproducing the plan (or its fallback): the most common
+        planned type as the preset (the fallback preset itself, if one), and one --tensor-type for
+        every tensor whose planned type differs from what that preset's own rules would give it
+        (llama-quantize applies them to every tensor not named); --imatrix where the plan used one."""
+        base = self._base or _base_type(self.choices)
+        by_preset = {} if base == "copy" else {
+            c.name: c.target for c in choose_types(self._gguf_file, base, imatrix=self._imatrix)}
         args = ["--allow-requantize"]
+        if self.imatrix is not None:
+            args += ["--imatrix", self.imatrix["path"]]
         for c in self.choices:
             if c.target != by_preset.get(c.name, c.source):
                 args += ["--tensor-type", f"^{re.escape(c.name)}$={c.target.name.lower()}"]
@@ -94,9 +128,13 @@ class PlanResult:
         files.append(str(path))
         recipe = out / "recipe.txt"
         args = self.llama_quantize_args()
-        lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw} bits/weight ({self.granularity} granularity)",
-                 f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from the "
-                 "preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type"]
+        lines = [f"# q-psa plan: {self.model_name} at {self.target_bpw:.4f} bits/weight ({self.granularity} granularity"
+                 + (f", the size of {self.target_preset}" if self.target_preset else "") + ")",
+                 *([(f"# FALLBACK: {self.fallback['label']} measured a lower held-out KLD than the plan "
+                     f"({self.fallback['kld']:.4g} vs {self.fallback['plan_kld']:.4g}); this recipe is "
+                     f"{self.fallback['label']}")] if self.fallback else []),
+                 (f"# with the preset {args[-1].upper()}: one REGEX=TYPE per tensor whose planned type differs from "
+                  "the preset's, for llama-quantize --tensor-type or q-psa requantize --tensor-type")]
         for regex, _, qtype in (args[i + 1].rpartition("=") for i, a in enumerate(args) if a == "--tensor-type"):
             lines.append(f"{regex}={qtype.upper()}")
         lines += ["", "# llama-quantize " + " ".join(_shell_quote(a) for a in args)]
@@ -104,7 +142,7 @@ class PlanResult:
         files.append(str(recipe))
         if output:
             with progress.task("writing the planned GGUF", len(self.choices)) as advance:
-                write_requantized(self._gguf_file, self.choices, output, advance)
+                write_requantized(self._gguf_file, self.choices, output, advance, imatrix=self._imatrix)
             files.append(str(output))
         return files
 
@@ -122,17 +160,42 @@ def _base_type(choices) -> str:
     return (counts.most_common(1)[0][0] if counts else "COPY").lower()
 
 
-def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, granularity: str, resume: bool,
-              measured: Callable[[object], None] = lambda result: None) -> PlanResult:
-    """`measured(result)` is called with each candidate type's SensitivityResult as it is finished
-    (the CLI writes its JSON, CSV and plot)."""
+# llama-quantize's presets the held-out check measures (those q-psa writes with K-quant bases)
+PRESET_NAMES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+
+
+def preset_size(gguf_file, name: str, imatrix=None) -> tuple[int, float]:
+    """(bytes of all tensors, bits per weight) of the model requantized by llama-quantize's preset
+    `name` (with `imatrix`, whose rules it changes for some presets)."""
+    choices = choose_types(gguf_file, name, imatrix=imatrix)
+    n_bytes = sum(c.n_bytes for c in choices)
+    return n_bytes, 8 * n_bytes / sum(c.n_elements for c in choices)
+
+
+def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | None, granularity: str, resume: bool,
+              measured: Callable[[object], None] = lambda result: None,
+              target_preset: str | None = None) -> PlanResult:
+    """The budget is `target_bpw`, or with `target_preset` (a llama-quantize preset name) that
+    preset's exact size on this model. `measured(result)` is called with each candidate type's
+    SensitivityResult as it is finished (the CLI writes its JSON, CSV and plot). Every
+    requantization is weighted by `session.imatrix` where there is one."""
     start = time.perf_counter()
     loaded = session.loaded
     gguf_file = loaded.file
+    imatrix = session.imatrix
     groups = quant_groups(loaded, granularity)
     n_weights = sum(t.n_elements for t in gguf_file.tensors.values())
     grouped = {n for g in groups for n in g.tensors}
     fixed = sum(t.raw.nbytes for n, t in gguf_file.tensors.items() if n not in grouped)
+    preset_choices = {name: choose_types(gguf_file, name, imatrix=imatrix) for name in PRESET_NAMES}
+    if target_preset is not None:
+        target_preset = preset_named(target_preset).name
+        if target_preset not in preset_choices:
+            preset_choices[target_preset] = choose_types(gguf_file, target_preset, imatrix=imatrix)
+        total_budget = sum(c.n_bytes for c in preset_choices[target_preset])
+        target_bpw = 8 * total_budget / n_weights
+    else:
+        total_budget = int(target_bpw * n_weights / 8)
 
     options: dict[str, list[Option]] = {}
     types_of: dict[tuple[str, str], dict] = {}
@@ -150,11 +213,12 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, gr
     lo = fixed + sum(min(o.bytes for o in opts) for opts in options.values())
     hi = fixed + sum(max(o.bytes for o in opts) for opts in options.values())
     lo_bpw, hi_bpw = 8 * lo / n_weights, 8 * hi / n_weights
-    if not lo_bpw <= target_bpw <= hi_bpw:
-        raise QpsaError(f"--target-bpw {target_bpw} is outside what these types can reach for this model: "
+    if not lo <= total_budget <= hi:
+        what = f"--target-preset {target_preset} ({target_bpw:.3f} bits per weight)" if target_preset else \
+            f"--target-bpw {target_bpw}"
+        raise QpsaError(f"{what} is outside what these types can reach for this model: "
                         f"{lo_bpw:.3f} to {hi_bpw:.3f} bits per weight")
-    budget = int(target_bpw * n_weights / 8) - fixed
-    chosen, predicted = choose_mixture(options, budget)
+    chosen, predicted = choose_mixture(options, total_budget - fixed)
 
     tensor_types: dict[str, str] = {}
     group_rows = []
@@ -170,24 +234,44 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float, gr
     # check on the held-out span
     with session.progress.task("held-out reference pass", session.held_out.tokens.shape[0]) as advance:
         held = Reference(loaded.model, session.held_out, advance)
-    plan_measured = _measure(held, loaded, choices, "plan")
+    plan_measured = _measure(held, loaded, choices, "plan", imatrix)
     plan_measured.predicted_kld = predicted
     plan_measured.predicted_kld_se = sum(o.kld_se**2 for o in chosen.values()) ** 0.5
-    uniform = []
-    sizes = []
-    for qtype in qtypes:
-        uniform_choices = choose_types(gguf_file, qtype, fallback=True)
-        sizes.append((sum(c.n_bytes for c in uniform_choices), qtype, uniform_choices))
     plan_bytes = sum(c.n_bytes for c in choices)
-    above = [s for s in sizes if s[0] >= plan_bytes]
-    below = [s for s in sizes if s[0] < plan_bytes]
-    for n_bytes, qtype, uniform_choices in ([min(above, key=lambda s: s[0])] if above else []) + (
-        [max(below, key=lambda s: s[0])] if below else []
-    ):
-        uniform.append(_measure(held, loaded, uniform_choices, f"uniform {qtype.name}"))
+    sizes = [(sum(c.n_bytes for c in uc), f"uniform {qtype.name}", uc)
+             for qtype in qtypes for uc in [choose_types(gguf_file, qtype, fallback=True, imatrix=imatrix)]]
+    # the presets within the candidates' range, and always the nearest above and below the budget
+    preset_sizes = sorted(((sum(c.n_bytes for c in pc), name, pc) for name, pc in preset_choices.items()),
+                          key=lambda r: r[0])
+    picked = [r for r in preset_sizes if lo <= r[0] <= hi or r in _nearest(preset_sizes, total_budget)]
+    checked = {label: (_measure(held, loaded, c, label, imatrix), c)
+               for _, label, c in _nearest(sizes, plan_bytes) + picked}
+    uniform = [m for m, _ in checked.values() if m.label.startswith("uniform ")]
+    presets = [m for m, _ in checked.values() if not m.label.startswith("uniform ")]
+
     result = PlanResult(loaded.name, gguf_file.path, target_bpw, granularity, [t.name for t in qtypes], group_rows,
-                        choices, plan_measured, uniform, time.perf_counter() - start, gguf_file)
+                        choices, plan_measured, uniform, presets, time.perf_counter() - start, target_preset,
+                        total_budget, None, None if imatrix is None else session.header()["imatrix"], gguf_file,
+                        imatrix)
+    # never worse than what llama-quantize gives at the same or a smaller size
+    fitting = [m for m in presets + uniform if m.n_bytes <= total_budget]
+    best = min(fitting, key=lambda m: m.stats.kld, default=None)
+    if best is not None and best.stats.kld < plan_measured.stats.kld:
+        log.warning("%s measured a lower held-out KLD than the plan (%.4g vs %.4g): falling back to it",
+                    best.label, best.stats.kld, plan_measured.stats.kld)
+        result.fallback = {"label": best.label, "kld": best.stats.kld, "kld_se": best.stats.kld_se,
+                           "plan_kld": plan_measured.stats.kld, "bytes": best.n_bytes}
+        result.choices = checked[best.label][1]
+        result._base = best.label.lower() if best in presets else None
+    result.seconds = time.perf_counter() - start
     return result
+
+
+def _nearest(sized: list[tuple], n_bytes: int) -> list[tuple]:
+    """Of (bytes, …) entries, the smallest at least `n_bytes` and the largest below it."""
+    above = [s for s in sized if s[0] >= n_bytes]
+    below = [s for s in sized if s[0] < n_bytes]
+    return ([min(above, key=lambda s: s[0])] if above else []) + ([max(below, key=lambda s: s[0])] if below else [])
 
 
 def _exact_choices(gguf_file, tensor_types: dict[str, str]) -> list[TensorChoice]:
@@ -200,15 +284,16 @@ def _exact_choices(gguf_file, tensor_types: dict[str, str]) -> list[TensorChoice
     return choices
 
 
-def _measure(ref: Reference, loaded, choices: list[TensorChoice], label: str) -> Measured:
-    """The model with every tensor in its chosen type, against the unmodified one on `ref`'s windows."""
+def _measure(ref: Reference, loaded, choices: list[TensorChoice], label: str, imatrix=None) -> Measured:
+    """The model with every tensor in its chosen type (weighted by `imatrix` where it has an entry),
+    against the unmodified one on `ref`'s windows."""
     import numpy as np
 
     from qpsa.gguf.quants import dequantize
 
     changed = [c for c in choices if c.target != c.source]
     values = {}
-    for name, qtype, shape, raw in requantized_tensors(loaded.file, changed):
+    for name, qtype, shape, raw in requantized_tensors(loaded.file, changed, imatrix=imatrix):
         values[name] = dequantize(np.asarray(raw), qtype, shape)
     stats = ref.measure(values, 0)
     n_bytes = sum(c.n_bytes for c in choices)

@@ -278,23 +278,25 @@ def requantized_tensors(
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
     """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes.
     With an `imatrix`, a tensor that has an entry is quantized with its weights, one row of them per matrix."""
-    from qpsa.gguf.quants import quantize
-
     for c in choices:
         t = gguf_file.tensors[c.name]
-        if c.target == t.qtype:
-            raw = t.raw
-        else:
-            values = t.to_torch().numpy()
-            n = values.shape[-1]
-            if imatrix is not None and c.name in imatrix.in_sum2:
-                weights = imatrix.mean(c.name).reshape(-1, n)  # (n_mat, n): experts of a 3-D tensor, else one
-                matrices = values.reshape(len(weights), -1, n)  # (n_mat, rows, n)
-                raw = np.concatenate([quantize(m, c.target, w).reshape(-1) for m, w in zip(matrices, weights)])
-            else:
-                raw = quantize(values.reshape(-1, n), c.target).reshape(-1)
+        raw = t.raw if c.target == t.qtype else quantized_raw(c.name, t.to_torch().numpy(), c.target, imatrix)
         advance(c.name)
         yield c.name, c.target, c.shape, raw
+
+
+def quantized_raw(name: str, values: np.ndarray, target: GGMLQuantizationType,
+                  imatrix: Imatrix | None = None) -> np.ndarray:
+    """The raw blocks (uint8, flat) of one tensor's float values in `target`; with an `imatrix` that
+    has an entry for `name`, quantized with its weights, one row of them per matrix."""
+    from qpsa.gguf.quants import quantize
+
+    n = values.shape[-1]
+    if imatrix is not None and name in imatrix.in_sum2:
+        weights = imatrix.mean(name).reshape(-1, n)  # (n_mat, n): experts of a 3-D tensor, else one
+        matrices = values.reshape(len(weights), -1, n)  # (n_mat, rows, n)
+        return np.concatenate([quantize(m, target, w).reshape(-1) for m, w in zip(matrices, weights)])
+    return quantize(values.reshape(-1, n), target).reshape(-1)
 
 
 def write_requantized(

@@ -39,7 +39,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from qpsa.eval.perplexity import Windows
 from qpsa.model.transformer import Transformer
 from qpsa.progress import Advance, no_progress
-from qpsa.quant.requantize import FALLBACK, is_quantizable
+from qpsa.quant.requantize import FALLBACK, is_quantizable, quantized_raw
 from qpsa.stats import mean_se
 
 Q = GGMLQuantizationType
@@ -106,10 +106,12 @@ def fitted_type(row: int, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
     return new if row % GGML_QUANT_SIZES[new][0] == 0 else Q.F16
 
 
-def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> tuple[dict[str, torch.Tensor], dict]:
-    """The group's weights requantized to qtype (fallback types where rows do not fit): new
-    float32 values by tensor name, and {"bytes", "bytes_before", "types"} of the group."""
-    from qpsa.gguf.quants import dequantize, quantize
+def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
+                  imatrix=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The group's weights requantized to qtype (fallback types where rows do not fit; with an
+    `imatrix`, weighted by it as llama-quantize --imatrix): new float32 values by tensor name, and
+    {"bytes", "bytes_before", "types"} of the group."""
+    from qpsa.gguf.quants import dequantize
 
     values, n_bytes, n_before, types = {}, 0, 0, {}
     for name in group.tensors:
@@ -121,8 +123,7 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> tup
         types[name] = target.name
         if target == t.qtype:
             continue  # the same bytes: unchanged values
-        x = t.to_torch().numpy()
-        raw = quantize(x.reshape(-1, x.shape[-1]), target).reshape(-1)
+        raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
         values[name] = dequantize(raw, target, t.shape)
     return values, {"bytes": n_bytes, "bytes_before": n_before, "types": types}
 
@@ -268,12 +269,13 @@ class SensitivityResult:
 def run_sensitivity(
     loaded, ref: Reference, qtype: GGMLQuantizationType, groups: list[QuantGroup],
     done: dict[str, SensitivityRow] | None = None, on_row: Callable[[SensitivityRow], None] | None = None,
-    measured: dict | None = None,
+    measured: dict | None = None, imatrix=None,
 ) -> SensitivityResult:
     """Requantize each group alone to qtype and measure it against the reference; rows already in
     `done` (by group name, from a checkpoint) are taken as they are. `on_row` sees each new row.
     `measured` (shared across calls) remembers statistics by the exact types a group's tensors
-    got, so a type that falls back to one already measured (Q6_K -> Q8_0 on rows of 576) costs nothing."""
+    got, so a type that falls back to one already measured (Q6_K -> Q8_0 on rows of 576) costs nothing.
+    With an `imatrix` (`qpsa.quant.imatrix.Imatrix`), every group is requantized with its weights."""
     import time
 
     start = time.perf_counter()
@@ -287,7 +289,7 @@ def run_sensitivity(
         if measured is not None and key in measured:
             stats, info = measured[key]
         else:
-            values, info = group_variant(loaded, group, qtype)
+            values, info = group_variant(loaded, group, qtype, imatrix)
             stats = ref.measure(values, group.first_layer)
             if measured is not None:
                 measured[key] = (stats, info)

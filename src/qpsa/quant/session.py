@@ -1,6 +1,7 @@
 """One model and text for `sensitivity` and `plan`: the measured span's windows (and the held-out
-span after it), the reference pass over them (made on first use), and the per-group measurements,
-checkpointed in the output folder as each group finishes so a run can resume."""
+span after it), the reference pass over them (made on first use), the importance matrix every
+requantization is weighted by (if any), and the per-group measurements, checkpointed in the output
+folder as each group finishes so a run can resume (only a run with the same imatrix, by sha256)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class MeasurementSession:
     pass over them (made on first use), and the output folder."""
 
     def __init__(self, model: str, text: str | None, dataset: str | None, ctx: int, chunks: int, out: Path,
-                 progress: Progress = SILENT, held_out: bool = False):
+                 progress: Progress = SILENT, held_out: bool = False, imatrix: str | None = None):
         from qpsa.eval.perplexity import make_windows
         from qpsa.model.load import load_model
         from qpsa.sources.texts import resolve_text
@@ -24,6 +25,15 @@ class MeasurementSession:
         self.out = out
         self.text = resolve_text(text, dataset)
         self.loaded = load_model(model)
+        self.imatrix = None  # with an importance matrix, every requantization is weighted by it
+        self.imatrix_sha256 = None
+        if imatrix is not None:
+            from qpsa.gguf.read import file_sha256
+            from qpsa.quant.imatrix import read_imatrix
+
+            self.imatrix = read_imatrix(imatrix)
+            self.imatrix.check_against(self.loaded.file)  # wrong model, zero counts: one line, before any work
+            self.imatrix_sha256 = file_sha256(Path(imatrix))
         self.ctx, self.chunks, self.progress = ctx, chunks, progress
         windows = make_windows(self.loaded.tokenizer, self.text.text, ctx, 2 * chunks if held_out else chunks, None,
                                self.loaded.config.context_length)
@@ -35,7 +45,9 @@ class MeasurementSession:
     def header(self) -> dict:
         return {"model": self.loaded.describe(),
                 "text": self.text.describe(), "ctx": self.ctx, "chunks": self.chunks,
-                "windows": f"windows 0..{self.chunks - 1} of {self.ctx} tokens (measured span)"}
+                "windows": f"windows 0..{self.chunks - 1} of {self.ctx} tokens (measured span)",
+                "imatrix": None if self.imatrix is None else {"path": str(self.imatrix.path),
+                                                              "sha256": self.imatrix_sha256}}
 
     def reference(self):
         from qpsa.quant.sensitivity import Reference
@@ -55,9 +67,11 @@ class MeasurementSession:
         if resume and path.exists():
             try:
                 saved = json.loads(path.read_text())
+                # the same imatrix by content (its sha256), wherever the file is now
                 same = {k: saved.get(k) for k in ("model", "text", "ctx", "chunks", "type", "granularity")}
-                want = {**{k: v for k, v in self.header().items() if k != "windows"}, "type": qtype.name,
-                        "granularity": granularity}
+                same["imatrix"] = (saved.get("imatrix") or {}).get("sha256")
+                want = {**{k: v for k, v in self.header().items() if k not in ("windows", "imatrix")},
+                        "type": qtype.name, "granularity": granularity, "imatrix": self.imatrix_sha256}
                 if same == json.loads(json.dumps(want)):
                     done = {r["group"]["name"]: row_from_dict(r) for r in saved["rows"]}
             except (OSError, ValueError, KeyError, TypeError):
@@ -78,7 +92,7 @@ class MeasurementSession:
                 checkpoint(row)
                 advance(f"{row.group.name}: KLD {row.stats.kld:.2e}")
 
-            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured)
+            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix)
         result.granularity = granularity
         return result
 

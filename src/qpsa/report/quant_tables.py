@@ -55,16 +55,19 @@ def sensitivity_report(console: Console, result, header: dict) -> None:
 
 def plan_report(console: Console, r) -> None:
     """The chosen type per group, then the plan checked against uniform types on held-out text."""
-    table = Table(title=f"Plan at {r.target_bpw} bits/weight ({r.granularity} granularity, types {' '.join(r.types)})")
+    size = f"{r.target_bpw:.4f} bits/weight" + (f", the size of {r.target_preset}" if r.target_preset else "")
+    weighted = f"; imatrix sha256 {r.imatrix['sha256'][:12]}…" if r.imatrix else ""
+    table = Table(title=f"Plan at {size} ({r.granularity} granularity, types {' '.join(r.types)}{weighted})")
     for col in ("group", "type", "MiB", "predicted KLD ± se"):
         table.add_column(col, justify="left" if col in ("group", "type") else "right", no_wrap=True)
     for g in r.groups:
         table.add_row(g["group"], g["type"], f"{g['bytes'] / 2**20:.2f}", f"{g['predicted_kld']:.2e} ± {g['predicted_kld_se']:.1e}")
     console.print(table)
-    check = Table(title="Checked on the held-out span, against the unmodified model")
+    check = Table(title="Checked on the held-out span, against the unmodified model; beside llama-quantize's presets "
+                        "and uniform types")
     for col in ("model", "bpw", "MiB", "predicted KLD", "KLD ± se", "p99", "PPL", "ΔPPL ± se", "same top"):
         check.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
-    for m in [r.plan, *r.uniform]:
+    for m in sorted([r.plan, *r.uniform, *r.presets], key=lambda m: -m.n_bytes):
         s = m.stats
         predicted = f"{m.predicted_kld:.2e} ± {m.predicted_kld_se:.0e}" if m.predicted_kld is not None else "-"
         check.add_row(m.label, f"{m.bits_per_weight:.3f}", f"{m.n_bytes / 2**20:.2f}", predicted,
@@ -72,6 +75,10 @@ def plan_report(console: Console, r) -> None:
                       f"{s.dppl:+.3f} ± {s.ppl * s.dnll_se:.3f}", f"{100 * s.same_top:.1f}%")
     console.print(check)
     console.print(f"unmodified PPL {r.plan.stats.ppl_base:.4f} on the held-out span; plan made in {r.seconds:.0f} s")
+    if r.fallback:
+        f = r.fallback
+        console.print(f"[bold]fallback:[/bold] {f['label']} fits the budget and measured a lower held-out KLD than the "
+                      f"plan ({f['kld']:.4g} vs {f['plan_kld']:.4g}); the recipe (and --output) are {f['label']}")
 
 
 def imatrix_report(console: Console, r: dict) -> None:

@@ -192,11 +192,15 @@ def heatmap(title: str, rows: list[str], cols: list[str], values: list[list], ti
 
 
 def points(title: str, xlabel: str, ylabel: str, groups: list[tuple[str, str, list[tuple]]], log_y: bool = True,
-           width: float = 6.5, height: float = 4.0) -> str:
+           width: float = 6.5, height: float = 4.0, line: tuple[str, list[tuple[float, float]]] | None = None) -> str:
     """Labelled points with ± y error bars: groups of (label, marker, [(x, y, yerr, tip, name), …]),
-    each point named beside it (a plan against uniform types)."""
+    each point named beside it (a plan against uniform types); `line` (label, [(x, y), …]) is drawn
+    as a dashed step line through its points (a Pareto frontier)."""
     fig = _figure(width, height)
     ax = fig.add_subplot()
+    if line and line[1]:
+        xs, ys = zip(*line[1])
+        ax.step(xs, ys, "--", where="post", color="#888888", lw=1, label=line[0])
     cid = f"c{next(_ids)}"
     found = {}
     for k, (label, marker, pts) in enumerate(groups):

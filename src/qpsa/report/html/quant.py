@@ -69,21 +69,29 @@ def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
     plan, uniform, presets = d["plan"], d["uniform"], d.get("presets", [])
     held = (f"Checked on held-out text (the windows after the measured ones, {num(plan.get('n_tokens'))} scored "
             "tokens) against the unmodified model, beside llama-quantize's uniform types of the nearest sizes above "
-            "and below.")
+            "and below" + (", and its presets (the same importance matrix)" if d.get("imatrix") else
+                           ", and its presets" if presets else "") + ".")
     groups = [("plan (chosen recipe)", "*", [_point(plan, "plan")])]
     if uniform:
         groups.append(("uniform types", "o", [_point(u, u["label"].replace("uniform ", "")) for u in uniform]))
     if presets:  # llama-quantize's mixtures (Q4_K_M, …), measured as the uniform types are
         groups.append(("llama-quantize presets", "s", [_point(p, p["label"]) for p in presets]))
+    frontier = [(m["bits_per_weight"], m["kld"]) for m in [*uniform, *presets] if m["label"] in d.get("frontier", [])]
     chart = charts.points(f"KLD against size: the plan at {num(d['target_bpw'])} bits/weight", "bits per weight",
-                          "KLD (nats/token, held-out)", groups)
+                          "KLD (nats/token, held-out)", groups,
+                          line=("Pareto frontier of presets and uniform types", sorted(frontier)))
     trows = [[cell(m["label"]), value_cell(m["bits_per_weight"], spec=".4f"), cell(size(m["bytes"]), m["bytes"]),
               value_cell(m["kld"], m["kld_se"], what="mean KLD on the held-out span, nats per token"),
               value_cell(m.get("predicted_kld"), m.get("predicted_kld_se"),
                          what="sum of the chosen groups' KLDs measured alone"),
               value_cell(m["dnll"], m["dnll_se"]), value_cell(m["ppl"], what=f"base PPL {num(m.get('ppl_base'))}"),
               pct_cell(m["same_top"], m["same_top_se"])] for m in [plan, *uniform, *presets]]
-    summary = (f"<p>Target {num(d['target_bpw'])} bits per weight; the plan reaches "
+    target = f" (the size of {escape(d['target_preset'])})" if d.get("target_preset") else ""
+    fallback = d.get("fallback")
+    warn = (f"<p><b>Fallback:</b> {escape(fallback['label'])} fits the budget and measured a lower held-out KLD "
+            f"({pm(fallback['kld'], fallback.get('kld_se'))}) than the plan ({num(fallback['plan_kld'])}); the recipe "
+            f"is {escape(fallback['label'])}.</p>") if fallback else ""
+    summary = warn + (f"<p>Target {num(d['target_bpw'])} bits per weight{target}; the plan reaches "
                f"<b>{num(plan['bits_per_weight'], '.4f')}</b> ({size(plan['bytes'])}), held-out KLD "
                f"<b>{pm(plan['kld'], plan['kld_se'])}</b> nats/token (predicted "
                f"{pm(plan.get('predicted_kld'), plan.get('predicted_kld_se'))} from the groups measured alone), "
@@ -91,7 +99,7 @@ def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
     body = (summary + f'<div class="charts one">{chart}</div>'
             + table(["model", "bits/weight", "size", "KLD (nats)", "predicted KLD", "ΔNLL (nats)", "PPL",
                      "same top"], trows))
-    out = [("Plan vs uniform types", section(f"{prefix}-plan", "The plan against uniform types", body,
+    out = [("Plan vs presets", section(f"{prefix}-plan", "The plan against presets and uniform types", body,
                                              held + " " + KLD_NOTE))]
     out.append(("Recipe", recipe_section(d, f"{prefix}-recipe")))
     return out
