@@ -283,3 +283,8 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_wide_gguf(path, n_layer: int = 3):
+    """A tiny llama in F32 whose rows are 256 wide, so the K-quants fit, with a separate output head."""
+    return write_tiny_gguf(path, "llama", n_layer=n_layer, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, tied=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.cli_run import assert_user_error
 from helpers.cli_run import run as cli
-from helpers.tiny import PROSE, write_tiny_gguf
+from helpers.tiny import PROSE, write_tiny_gguf, write_wide_gguf
 
 from qpsa.eval.perplexity import make_windows
 from qpsa.gguf.read import file_sha256, open_gguf
@@ -26,8 +26,7 @@ from qpsa.quant.sensitivity import group_variant, quant_groups
 @pytest.fixture
 def tiny(tmp_path):
     """A 3-layer llama in F32 with rows of 256 (so K-quants fit), a separate head, a text and an imatrix."""
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
-                           tied=False)
+    path = write_wide_gguf(tmp_path / "tiny.gguf")
     text = tmp_path / "prose.txt"
     text.write_text(PROSE)
     loaded = load_model(path)

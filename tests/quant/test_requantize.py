@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from helpers.cli_run import run as cli
-from helpers.tiny import write_tiny_gguf
+from helpers.tiny import write_tiny_gguf, write_wide_gguf
 
 from qpsa.errors import QpsaError
 from qpsa.eval.perplexity import make_windows
@@ -29,8 +29,7 @@ PROSE = ("Quantization moves every weight to the nearest point of a grid; some l
 @pytest.fixture
 def tiny(tmp_path):
     """A 3-layer llama in F32 with rows of 256 (so K-quants fit) and a separate output head, and a text."""
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
-                           tied=False)
+    path = write_wide_gguf(tmp_path / "tiny.gguf")
     text = tmp_path / "prose.txt"
     text.write_text(PROSE)
     return path, text

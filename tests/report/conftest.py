@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny import PROSE, write_tiny_gguf
+from helpers.tiny import PROSE, write_tiny_gguf, write_wide_gguf
 
 from qpsa.cli.app import main
 
@@ -31,8 +31,7 @@ def results(tmp_path_factory) -> dict[str, Path]:
         text.write_text(PROSE, encoding="utf-8")
         small = write_tiny_gguf(root / "tiny.gguf", "llama", n_layer=6, identity_layer=4)
         # rows of 256 so K-quants fit, a separate head (as tests/test_requantize.py)
-        wide = write_tiny_gguf(root / "wide.gguf", "llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
-                               tied=False)
+        wide = write_wide_gguf(root / "wide.gguf", n_layer=2)
         out = {}
         _run("study", small, "--quick", "--text", text, "--out", root / "study")
         out["study"] = root / "study"
