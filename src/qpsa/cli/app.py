@@ -25,12 +25,12 @@ app = typer.Typer(
 # in the order `q-psa --help` lists them
 COMMANDS = (model.models, model.inspect, model.ppl, model.download, baseline.baseline, baseline.agreement, study.study,
             edits.prune, edits.loop, score.score, compare.compare, noise.noise, quant.requantize, quant.sensitivity,
-            quant.plan, imatrix.imatrix, report.report)
+            quant.plan, quant.predictors, imatrix.imatrix, report.report)
 for command in COMMANDS:
     app.command(context_settings=baseline.BASELINE_CONTEXT if command is baseline.baseline else None)(command)
 
 # Options that take several values: `--k 1 2 4` is read as `--k 1 --k 2 --k 4`.
-MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma", "--types")
+MULTI_VALUE_OPTIONS = ("--k", "--methods", "--sigma", "--types", "--predictors")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

@@ -170,6 +170,7 @@ def _session(model, text, dataset, ctx, chunks, out, default_out, quiet, held_ou
 
 
 DEFAULT_PLAN_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+DrawsOpt = Annotated[int, typer.Option(help="fisher_kl: label draws per window (its standard error falls as 1/√draws)")]
 
 
 def plan(
@@ -188,6 +189,10 @@ def plan(
     output: Annotated[Optional[str], typer.Option(help="also write the planned GGUF here")] = None,
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
+    estimator: Annotated[Optional[str], typer.Option(
+        help="predict every option with this predictor (e.g. fisher_kl; see `q-psa predictors`) and measure only "
+             "those the choice rests on")] = None,
+    draws: DrawsOpt = 2,
     as_json: JsonOpt = False,
 ):
     """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out
@@ -199,6 +204,11 @@ def plan(
     from qpsa.report.quant_files import write_sensitivity
 
     qtypes = [qtype_named(t) for t in (types or DEFAULT_PLAN_TYPES)]
+    if estimator is not None:
+        from qpsa.quant.predictors import check_predictor
+
+        check_predictor(estimator)
+        check_positive(draws=draws)
     if (target_bpw is None) == (target_preset is None):
         raise QpsaError("give one budget: --target-bpw B or --target-preset NAME (e.g. Q4_K_M)")
     if target_preset is not None:
@@ -210,7 +220,8 @@ def plan(
     if output is not None:
         check_output_path(output, session.loaded.path)
     result = make_plan(session, qtypes, target_bpw, granularity, resume,
-                       measured=lambda r: write_sensitivity(session, r), target_preset=target_preset)
+                       measured=lambda r: write_sensitivity(session, r), target_preset=target_preset,
+                       estimator=estimator, draws=draws)
     files = result.write(session.out, output, session.progress)
     files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:
@@ -218,4 +229,42 @@ def plan(
     from qpsa.report.quant_tables import plan_report
 
     plan_report(console(), result)
+    console().print("wrote " + ", ".join(files))
+
+
+def predictors(
+    model: ModelArg,
+    types: Annotated[Optional[list[str]], typer.Option("--types", help="target types (default Q4_0)")] = None,
+    granularity: Annotated[str, typer.Option(help="requantize one tensor at a time, or one layer at a time")] = "tensor",
+    names: Annotated[Optional[list[str]], typer.Option("--predictors", help="predictors to compare (default: all)")] = None,
+    text: TextOpt = None,
+    dataset: DatasetOpt = None,
+    ctx: CtxOpt = 512,
+    chunks: Annotated[int, typer.Option(help="windows of text to measure and predict on")] = 2,
+    draws: DrawsOpt = 2,
+    out: Annotated[Optional[str], typer.Option(help="folder for predictors.json, the plots and the measured "
+                                                    "sensitivities (default predictors-MODEL)")] = None,
+    resume: ResumeOpt = False,
+    imatrix: ImatrixOpt = None,
+    as_json: JsonOpt = False,
+):
+    """How well cheap quantities predict the measured KLD of requantizing each tensor (or layer): Spearman ρ with a
+    bootstrap interval, and each predictor's cost beside the measurement's."""
+    from qpsa.quant.predictors import PREDICTORS, check_predictor, compare_predictors
+    from qpsa.quant.requantize import qtype_named
+    from qpsa.report.quant_files import write_predictors, write_sensitivity
+
+    qtypes = [qtype_named(t) for t in (types or ["Q4_0"])]
+    chosen = [check_predictor(n) for n in (names or PREDICTORS)]
+    check_positive(draws=draws)
+    session = _session(model, text, dataset, ctx, chunks, out, f"predictors-{model_stem(model)}", as_json,
+                       imatrix=imatrix)
+    result = compare_predictors(session, qtypes, granularity, chosen, draws, resume,
+                                measured_cb=lambda r: write_sensitivity(session, r))
+    files = write_predictors(session, result)
+    if as_json:
+        return print_json({**session.header(), **result.to_dict(), "files": files})
+    from qpsa.report.quant_tables import predictors_report
+
+    predictors_report(console(), result)
     console().print("wrote " + ", ".join(files))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from gguf import GGMLQuantizationType
 from qpsa.errors import QpsaError
 from qpsa.progress import SILENT, Progress
 from qpsa.quant.requantize import TensorChoice, choose_types, is_quantizable, preset_named, qtype_named, requantized_tensors
-from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, quant_groups
+from qpsa.quant.sensitivity import Option, Reference, VariantStats, choose_mixture, group_size, quant_groups
 
 Q = GGMLQuantizationType
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class PlanResult:
     budget_bytes: int = 0  # all tensors' bytes allowed
     fallback: dict | None = None  # {"label", "kld", "plan_kld"} where a preset or uniform type beat the plan
     imatrix: dict | None = None  # {"path", "sha256"} of the importance matrix every candidate was weighted by
+    estimator: dict | None = None  # with --estimator: the predictor, options measured of all, rounds, seconds
     _gguf_file: object = None
     _imatrix: object = None
     _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
@@ -87,7 +89,7 @@ class PlanResult:
                 "granularity": self.granularity, "types": self.types, "imatrix": self.imatrix,
                 "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform],
                 "presets": [p.to_dict() for p in self.presets], "frontier": self.frontier(),
-                "fallback": self.fallback, "groups": self.groups,
+                "fallback": self.fallback, "estimator": self.estimator, "groups": self.groups,
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
                 "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
 
@@ -174,11 +176,13 @@ def preset_size(gguf_file, name: str, imatrix=None) -> tuple[int, float]:
 
 def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | None, granularity: str, resume: bool,
               measured: Callable[[object], None] = lambda result: None,
-              target_preset: str | None = None) -> PlanResult:
+              target_preset: str | None = None, estimator: str | None = None, draws: int = 2) -> PlanResult:
     """The budget is `target_bpw`, or with `target_preset` (a llama-quantize preset name) that
     preset's exact size on this model. `measured(result)` is called with each candidate type's
     SensitivityResult as it is finished (the CLI writes its JSON, CSV and plot). Every
-    requantization is weighted by `session.imatrix` where there is one."""
+    requantization is weighted by `session.imatrix` where there is one. With an `estimator` (a
+    predictor of `qpsa.quant.predictors`), only the options that can matter are measured
+    (`_estimate_and_measure`); the plan is still checked by measurement on the held-out span."""
     start = time.perf_counter()
     loaded = session.loaded
     gguf_file = loaded.file
@@ -203,12 +207,20 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
         keep = sum(gguf_file.tensors[n].raw.nbytes for n in g.tensors)
         options[g.name] = [Option("keep", keep, 0.0, 0.0)]
         types_of[(g.name, "keep")] = {n: gguf_file.tensors[n].qtype.name for n in g.tensors}
-    for qtype in qtypes:
-        result = session.sensitivity(qtype, granularity, resume)
-        measured(result)
-        for row in result.rows:
-            options[row.group.name].append(Option(qtype.name, row.bytes, row.stats.kld, row.stats.kld_se))
-            types_of[(row.group.name, qtype.name)] = row.types
+    estimated = None
+    if estimator is None:
+        for qtype in qtypes:
+            result = session.sensitivity(qtype, granularity, resume)
+            measured(result)
+            for row in result.rows:
+                options[row.group.name].append(Option(qtype.name, row.bytes, row.stats.kld, row.stats.kld_se))
+                types_of[(row.group.name, qtype.name)] = row.types
+    else:
+        for qtype in qtypes:
+            for g in groups:
+                size = group_size(loaded, g, qtype)
+                options[g.name].append(Option(qtype.name, size["bytes"], math.nan, math.nan, measured=False))
+                types_of[(g.name, qtype.name)] = size["types"]
 
     lo = fixed + sum(min(o.bytes for o in opts) for opts in options.values())
     hi = fixed + sum(max(o.bytes for o in opts) for opts in options.values())
@@ -218,6 +230,9 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
             f"--target-bpw {target_bpw}"
         raise QpsaError(f"{what} is outside what these types can reach for this model: "
                         f"{lo_bpw:.3f} to {hi_bpw:.3f} bits per weight")
+    if estimator is not None:
+        estimated = _estimate_and_measure(session, groups, qtypes, granularity, resume, options, total_budget - fixed,
+                                          estimator, draws)
     chosen, predicted = choose_mixture(options, total_budget - fixed)
 
     tensor_types: dict[str, str] = {}
@@ -227,8 +242,8 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
         tensor_types.update(types_of[(g.name, o.qtype)])
         group_rows.append({"group": g.name, "type": o.qtype, "bytes": o.bytes, "predicted_kld": o.kld,
                            "predicted_kld_se": o.kld_se,
-                           "options": [{"type": x.qtype, "bytes": x.bytes, "kld": x.kld, "kld_se": x.kld_se}
-                                       for x in options[g.name]]})
+                           "options": [{"type": x.qtype, "bytes": x.bytes, "kld": x.kld, "kld_se": x.kld_se,
+                                        "measured": x.measured} for x in options[g.name]]})
     choices = _exact_choices(gguf_file, tensor_types)
 
     # check on the held-out span
@@ -251,8 +266,8 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
 
     result = PlanResult(loaded.name, gguf_file.path, target_bpw, granularity, [t.name for t in qtypes], group_rows,
                         choices, plan_measured, uniform, presets, time.perf_counter() - start, target_preset,
-                        total_budget, None, None if imatrix is None else session.header()["imatrix"], gguf_file,
-                        imatrix)
+                        total_budget, None, None if imatrix is None else session.header()["imatrix"], estimated,
+                        gguf_file, imatrix)
     # never worse than what llama-quantize gives at the same or a smaller size
     fitting = [m for m in presets + uniform if m.n_bytes <= total_budget]
     best = min(fitting, key=lambda m: m.stats.kld, default=None)
@@ -265,6 +280,71 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
         result._base = best.label.lower() if best in presets else None
     result.seconds = time.perf_counter() - start
     return result
+
+
+MAX_ROUNDS = 6  # estimator: rounds of measuring the options the choice rests on
+
+
+def _estimate_and_measure(session, groups, qtypes, granularity: str, resume: bool, options: dict[str, list[Option]],
+                          budget: int, estimator: str, draws: int) -> dict:
+    """Fill `options` with the estimator's predictions, then measure only what the choice rests on.
+
+    Each round chooses with the current numbers (measured where measured; predicted ones scaled by
+    the median ratio measured/predicted of the options measured so far), then measures, in every
+    group, the chosen option and its neighbours in size (the options the dynamic programme trades
+    it against). It stops when a round's choice and its neighbours are all measured."""
+    import numpy as np
+
+    from qpsa.quant.predictors import Predictors, check_predictor
+
+    check_predictor(estimator)
+    start = time.perf_counter()
+    ref = session.reference()
+    pred = Predictors(session.loaded, session.windows, session.reference_seconds or math.nan, session.imatrix, draws,
+                      progress=session.progress)
+    error_sets = {t.name: pred.errors(groups, t) for t in qtypes}
+    guess = {t.name: pred.predict(estimator, groups, t, error_sets) for t in qtypes}
+    del ref
+    predict_seconds = time.perf_counter() - start
+    done: set[tuple[str, str]] = set()
+    scale, rounds = 1.0, 0
+    # options the predictor has no value for (e.g. Q-PSA on the embedding) are measured from the start
+    want: dict[str, set[str]] = {}
+    for g, opts in options.items():
+        for o in opts:
+            if o.qtype != "keep" and not math.isfinite(guess[o.qtype].values.get(g, math.nan)):
+                want.setdefault(o.qtype, set()).add(g)
+    for rounds in range(1, MAX_ROUNDS + 1):
+        for qname, names in want.items():
+            result = session.sensitivity(qtype_named(qname), granularity, resume, only=names)
+            for row in result.rows:
+                done.add((row.group.name, qname))
+                opts = options[row.group.name]
+                k = next(i for i, x in enumerate(opts) if x.qtype == qname)
+                opts[k] = Option(qname, row.bytes, row.stats.kld, row.stats.kld_se, measured=True)
+        ratios = [o.kld / guess[o.qtype].values[g] for g, opts in options.items() for o in opts
+                  if o.measured and o.qtype != "keep" and guess[o.qtype].values.get(g, 0) > 0 and o.kld > 0]
+        scale = float(np.median(ratios)) if ratios else 1.0
+        for g, opts in options.items():
+            for k, o in enumerate(opts):
+                if not o.measured:
+                    p = guess[o.qtype]
+                    opts[k] = Option(o.qtype, o.bytes, scale * abs(p.values[g]), scale * p.se.get(g, math.nan),
+                                     measured=False)
+        chosen, _ = choose_mixture(options, budget)
+        want = {}
+        for g, o in chosen.items():
+            by_size = sorted(options[g], key=lambda x: x.bytes)
+            k = next(i for i, x in enumerate(by_size) if x is o)
+            for x in by_size[max(k - 1, 0) : k + 2]:
+                if not x.measured:
+                    want.setdefault(x.qtype, set()).add(g)
+        if not want:
+            break
+    total = sum(len(opts) - 1 for opts in options.values())
+    return {"predictor": estimator, "draws": draws, "measured": len(done), "options": total, "rounds": rounds,
+            "scale": scale, "predict_seconds": predict_seconds, "seconds": time.perf_counter() - start,
+            "predictor_cost": {k: v for k, v in pred.cost.items()}}
 
 
 def _nearest(sized: list[tuple], n_bytes: int) -> list[tuple]:

@@ -113,7 +113,20 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
     {"bytes", "bytes_before", "types"} of the group."""
     from qpsa.gguf.quants import dequantize
 
-    values, n_bytes, n_before, types = {}, 0, 0, {}
+    values = {}
+    for name in group.tensors:
+        t = loaded.file.tensors[name]
+        target = fitted_type(t.shape[-1], qtype)
+        if target == t.qtype:
+            continue  # the same bytes: unchanged values
+        raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
+        values[name] = dequantize(raw, target, t.shape)
+    return values, group_size(loaded, group, qtype)
+
+
+def group_size(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> dict:
+    """{"bytes", "bytes_before", "types"} of the group requantized to qtype (fallbacks included)."""
+    n_bytes, n_before, types = 0, 0, {}
     for name in group.tensors:
         t = loaded.file.tensors[name]
         target = fitted_type(t.shape[-1], qtype)
@@ -121,11 +134,7 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
         n_bytes += t.n_elements // block * size
         n_before += t.raw.nbytes
         types[name] = target.name
-        if target == t.qtype:
-            continue  # the same bytes: unchanged values
-        raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
-        values[name] = dequantize(raw, target, t.shape)
-    return values, {"bytes": n_bytes, "bytes_before": n_before, "types": types}
+    return {"bytes": n_bytes, "bytes_before": n_before, "types": types}
 
 
 @dataclass
@@ -319,6 +328,7 @@ class Option:
     bytes: int
     kld: float  # predicted mean KLD this choice adds
     kld_se: float
+    measured: bool = True  # False where the KLD is a predictor's estimate (plan --estimator)
 
 
 def choose_mixture(options: dict[str, list[Option]], budget: int, resolution: int = 4000) -> tuple[dict[str, Option], float]:

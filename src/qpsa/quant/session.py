@@ -40,7 +40,9 @@ class MeasurementSession:
         self.windows = _span(windows, 0, chunks)
         self.held_out = _span(windows, chunks, 2 * chunks) if held_out else None
         self._ref = None
+        self.reference_seconds = None  # the reference pass's wall time: one forward over the windows
         self.measured = {}  # statistics by (group, exact types), shared across types
+        self._rows = {}  # (type, granularity) -> {group: SensitivityRow} measured in this session
 
     def header(self) -> dict:
         return {"model": self.loaded.describe(),
@@ -52,14 +54,20 @@ class MeasurementSession:
     def reference(self):
         from qpsa.quant.sensitivity import Reference
         if self._ref is None:
+            import time
+
+            start = time.perf_counter()
             with self.progress.task("reference pass", self.windows.tokens.shape[0]) as advance:
                 self._ref = Reference(self.loaded.model, self.windows, advance)
+            self.reference_seconds = time.perf_counter() - start
         return self._ref
 
     def checkpoint(self, qtype, granularity) -> Path:
         return self.out / f"sensitivity-{qtype.name}-{granularity}.json"
 
-    def sensitivity(self, qtype, granularity: str, resume: bool):
+    def sensitivity(self, qtype, granularity: str, resume: bool, only: set[str] | None = None):
+        """Every group requantized alone to qtype and measured; with `only`, just those groups (and
+        the ones already measured in this session or, with `resume`, in the checkpoint)."""
         from qpsa.quant.sensitivity import quant_groups, row_from_dict, run_sensitivity
         groups = quant_groups(self.loaded, granularity)
         path = self.checkpoint(qtype, granularity)
@@ -76,6 +84,9 @@ class MeasurementSession:
                     done = {r["group"]["name"]: row_from_dict(r) for r in saved["rows"]}
             except (OSError, ValueError, KeyError, TypeError):
                 done = {}
+        done.update(self._rows.get((qtype.name, granularity), {}))
+        if only is not None:
+            groups = [g for g in groups if g.name in only or g.name in done]
         self.out.mkdir(parents=True, exist_ok=True)
         ref = self.reference()
         rows = []
@@ -94,6 +105,7 @@ class MeasurementSession:
 
             result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix)
         result.granularity = granularity
+        self._rows[(qtype.name, granularity)] = {r.group.name: r for r in result.rows}
         return result
 
 

@@ -97,3 +97,29 @@ def quant_sensitivity_plot(path: Path, result, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def predictor_scatter(path: Path, measured: dict[str, float], predictions: dict, rhos: dict[str, tuple], title: str) -> None:
+    """One panel per predictor: its value (log of the magnitude) against the measured KLD (log), one
+    point per group, titled with Spearman ρ and its 95% interval."""
+    names = list(predictions)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        values = predictions[name]
+        keys = [k for k in measured if k in values and values[k] == values[k] and measured[k] > 0 and values[k] != 0]
+        ax.scatter([abs(values[k]) for k in keys], [measured[k] for k in keys], s=8, alpha=0.7, color="#4C72B0")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        rho, lo, hi = rhos[name]
+        ax.set_title(f"{name}\nρ = {rho:.2f} [{lo:.2f}, {hi:.2f}]", fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("measured KLD", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -26,3 +26,19 @@ def write_sensitivity(session: MeasurementSession, result: SensitivityResult) ->
     quant_sensitivity_plot(png, result, f"{session.loaded.path.name}: each {result.granularity} alone to {result.qtype} "
                                         f"({result.n_tokens} tokens of {session.text.name})")
     return [str(path), str(csv_path), str(png), str(write_report_beside(path))]
+
+
+def write_predictors(session: MeasurementSession, result) -> list[str]:
+    """predictors.json (with the session's header) and one scatter plot per type; their paths."""
+    from qpsa.report.plots import predictor_scatter
+
+    path = session.out / "predictors.json"
+    write_atomic(path, json.dumps({**session.header(), **result.to_dict()}, indent=2, default=str) + "\n")
+    files = [str(path)]
+    for qtype, preds in result.predictions.items():
+        png = session.out / f"predictors-{qtype}-{result.granularity}.png"
+        rhos = {r.predictor: (r.rho, r.lo, r.hi) for r in result.rows if r.qtype == qtype}
+        predictor_scatter(png, result.measured[qtype], {n: p.values for n, p in preds.items()}, rhos,
+                          f"{session.loaded.path.name}: predicted vs measured KLD, each {result.granularity} to {qtype}")
+        files.append(str(png))
+    return files

@@ -99,3 +99,18 @@ def imatrix_report(console: Console, r: dict) -> None:
         console.print(f"wrote {r['output']} ({r['format']}) in {r['seconds']:.1f} s")
     else:
         console.print(f"read {r['input']}: matches the model's tensor names and sizes")
+
+
+def predictors_report(console: Console, r) -> None:
+    """Per type: each predictor's Spearman ρ against the measured KLD and its cost beside the measurement's."""
+    for qtype in r.measured:
+        table = Table(title=f"Predictors of the measured KLD, each {r.granularity} alone to {qtype} "
+                            f"(measurement: {r.measurement_passes:.0f} forward passes, {r.measurement_seconds[qtype]:.0f} s)")
+        for col in ("predictor", "Spearman ρ", "95% interval", "groups", "forward passes", "% of measurement", "seconds",
+                    "% of its seconds"):
+            table.add_column(col, justify="left" if col == "predictor" else "right", no_wrap=True)
+        for row in sorted((x for x in r.rows if x.qtype == qtype), key=lambda x: -(x.rho if x.rho == x.rho else -2)):
+            table.add_row(row.predictor, f"{row.rho:.3f}", f"[{row.lo:.3f}, {row.hi:.3f}]", str(row.n),
+                          f"{row.forward_equivalents:.1f}", f"{100 * row.cost_fraction:.1f}%", f"{row.seconds:.1f}",
+                          f"{100 * row.seconds_fraction:.1f}%")
+        console.print(table)
