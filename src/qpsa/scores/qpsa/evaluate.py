@@ -99,10 +99,10 @@ class Evaluator:
 
 def other_precision(model) -> torch.nn.Module:
     """A copy of `model` in the other float precision (float32 <-> float64), for the noise floor."""
-    from qpsa.model.transformer import Transformer
+    from qpsa.model.transformer import Transformer, is_fused
 
     other = torch.float64 if model.dtype == torch.float32 else torch.float32
     w = model.weights
-    weights = {k: v for k, v in w.items() if "_qkv." not in k and "_gate_up." not in k
+    weights = {k: v for k, v in w.items() if not is_fused(k)
                and not (k == "output.weight" and v is w.get("token_embd.weight"))}
     return Transformer(model.config, weights, dtype=other)

@@ -1,0 +1,135 @@
+"""Routed experts: the mixture-of-experts FFN of `qwen3moe`, as llama.cpp computes it.
+
+Per token x (after ffn_norm), llama.cpp's `build_moe_ffn` with qwen3moe's arguments:
+
+    p = softmax(W_router · x)                  router probabilities over the E experts
+    S = top-k experts by p                     k = expert_used_count
+    g_e = p_e / max(Σ_{e∈S} p_e, 2⁻¹⁴)          the k weights renormalized to sum 1
+    y = Σ_{e∈S} g_e · W_down[e] · (silu(W_gate[e]·x) ⊙ (W_up[e]·x))
+
+Weights, as in the GGUF file (numpy order): `ffn_gate_inp` (E, C), `ffn_gate_exps` and
+`ffn_up_exps` (E, F, C), `ffn_down_exps` (E, C, F). Gate and up are stored fused as
+`ffn_gate_up_exps` (E, 2F, C) and the per-name entries are views into it, as the dense FFN's are
+(`Transformer._fuse`), so writing into `weights["blk.3.ffn_up_exps.weight"][5]` changes expert 5.
+
+The forward groups tokens by expert: one sort of the (token, slot) pairs by expert, then per
+expert one gather, two matmuls over all its tokens and one scatter-add of the weighted output; no
+loop over tokens. Two optional observers on the `Transformer`:
+
+* `expert_hook(layer, name, expert, rows, x, y) -> y` after each expert matmul, name
+  "ffn_gate_up_exps" or "ffn_down_exps", rows (n,) the flat B·T indices of the expert's tokens,
+  x (n, in) and y (n, out) (Q-PSA uses it to give batch elements their own expert perturbation);
+  the router's matmul goes through the dense `linear_hook` as "ffn_gate_inp".
+* `route_observer(layer, selected)` with the chosen experts (B, T, k) (router usage statistics).
+
+Shapes: B batch, T tokens, N = B·T, C channels, E experts, k experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The matrices of one layer, as named in GGUF files (blk.{i}.{name}.weight), and the fused
+# tensors the forward multiplies by. The dense names come first so their indices never change.
+DENSE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", *EXPERT_MATRICES)
+ALL_MATRICES = (*DENSE_MATRICES, "ffn_gate_inp", *EXPERT_MATRICES)
+DENSE_FUSED = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
+MOE_FUSED = ("attn_qkv", "attn_output", "ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps")
+WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k sum to the smallest normal float16
+
+
+def layer_matrices(config) -> tuple[str, ...]:
+    """The weight matrices of one layer of this model (the router and the stacked experts for MoE)."""
+    return MOE_MATRICES if config.n_expert else DENSE_MATRICES
+
+
+def fused_matrices(config) -> tuple[str, ...]:
+    """The tensors one layer's forward multiplies by (per-name matrices are views of them)."""
+    return MOE_FUSED if config.n_expert else DENSE_FUSED
+
+
+def fuse_experts(weights: dict[str, torch.Tensor], n_layer: int) -> None:
+    """Store each layer's ffn_gate_exps | ffn_up_exps as one (E, 2F, C) tensor; the named entries become views."""
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        if p + "ffn_gate_exps.weight" not in weights or p + "ffn_up_exps.weight" not in weights:
+            continue
+        gate, up = weights[p + "ffn_gate_exps.weight"], weights[p + "ffn_up_exps.weight"]
+        whole = torch.cat([gate, up], dim=1).contiguous()  # (E, 2F, C)
+        weights[p + "ffn_gate_up_exps.weight"] = whole
+        n = gate.shape[1]
+        weights[p + "ffn_gate_exps.weight"] = whole[:, :n]
+        weights[p + "ffn_up_exps.weight"] = whole[:, n:]
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selected experts, their weights), each (..., k), from router logits (..., E): softmax,
+    top-k, renormalized to sum 1 (llama.cpp's order: the largest probability first)."""
+    probs = torch.softmax(logits, dim=-1)
+    weights, selected = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=WEIGHTS_SUM_MIN)
+    return selected, weights
+
+
+def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Layer i's routed-expert FFN: x (B, T, C) after ffn_norm -> (B, T, C), a new tensor."""
+    cfg, w, p = model.config, model.weights, f"blk.{i}."
+    B, T, C = x.shape
+    k = cfg.n_expert_used
+    logits = model._linear(i, "ffn_gate_inp", x)  # (B, T, E)
+    selected, gates = route(logits, k)  # (B, T, k) each
+    if model.route_observer is not None:
+        model.route_observer(i, selected)
+    xf = x.reshape(B * T, C)  # (N, C)
+    flat = selected.reshape(-1)  # (N·k,) expert of each (token, slot)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=cfg.n_expert).tolist()
+    token_of = order // k  # (N·k,) token row of each pair, in expert order
+    gate_of = gates.reshape(-1)[order]
+    gate_up, down = w[p + "ffn_gate_up_exps.weight"], w[p + "ffn_down_exps.weight"]  # (E, 2F, C), (E, C, F)
+    fast = not torch.is_grad_enabled()
+    hook = model.expert_hook
+    out = torch.zeros_like(xf)  # (N, C)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start : start + n]  # (n,)
+        g = gate_of[start : start + n, None]  # (n, 1)
+        start += n
+        xe = xf[rows]  # (n, C)
+        h = F.linear(xe, gate_up[e])  # (n, 2F)
+        if hook is not None:
+            h = hook(i, "ffn_gate_up_exps", e, rows, xe, h)
+        a, b = h.chunk(2, dim=-1)  # (n, F) each
+        act = (F.silu(a) if cfg.activation == "silu" else F.gelu(a, approximate="tanh")) * b
+        y = F.linear(act, down[e])  # (n, C)
+        if hook is not None:
+            y = hook(i, "ffn_down_exps", e, rows, act, y)
+        out = out.index_add_(0, rows, y.mul_(g)) if fast else out.index_add(0, rows, y * g)
+    return out.view(B, T, C)
+
+
+def expert_usage(model, tokens: torch.Tensor) -> dict:
+    """How the router spreads the tokens over the experts: one forward of `tokens` (W, T) window
+    by window, counting every (token, slot) choice. Returns {"tokens", "k", "fraction": per layer,
+    per expert, the fraction of tokens routed to it (each layer's fractions sum to k)}."""
+    cfg = model.config
+    counts = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.int64)
+
+    def observe(i, selected):
+        counts[i] += torch.bincount(selected.reshape(-1), minlength=cfg.n_expert)
+
+    previous = model.route_observer
+    model.route_observer = observe
+    try:
+        with torch.inference_mode():
+            for w in range(tokens.shape[0]):
+                model.run_layers(model.embed(tokens[w : w + 1]), range(cfg.n_layer), torch.arange(tokens.shape[1]))
+    finally:
+        model.route_observer = previous
+    n = int(tokens.numel())
+    return {"tokens": n, "k": cfg.n_expert_used, "fraction": (counts.double() / n).tolist()}
