@@ -49,6 +49,11 @@ class ModelConfig:
     def scale(self) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
 
+    @property
+    def active_ff(self) -> int:
+        """FFN width one token goes through: n_ff, or an MoE layer's k experts' together."""
+        return self.n_ff_exp * self.n_expert_used if self.n_expert else self.n_ff
+
 
 def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> ModelConfig:
     """Build the config from GGUF metadata keys (`{arch}.block_count`, …)."""

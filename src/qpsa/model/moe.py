@@ -12,9 +12,13 @@ Weights, as in the GGUF file (numpy order): `ffn_gate_inp` (E, C), `ffn_gate_exp
 `ffn_gate_up_exps` (E, 2F, C) and the per-name entries are views into it, as the dense FFN's are
 (`Transformer._fuse`), so writing into `weights["blk.3.ffn_up_exps.weight"][5]` changes expert 5.
 
-The forward groups tokens by expert: one sort of the (token, slot) pairs by expert, then per
-expert one gather, two matmuls over all its tokens and one scatter-add of the weighted output; no
-loop over tokens. Two optional observers on the `Transformer`:
+The forward groups tokens by expert: one sort of the (token, slot) pairs by (sequence, expert),
+then per group one gather, two matmuls over all its tokens and one scatter-add of the weighted
+output; no loop over tokens. Groups are per sequence of the batch because a matmul's rounding
+depends on its row count (torch's CPU kernels give other float32 bits for 5 rows than for 8): so
+each sequence's result is bit for bit the same whichever sequences share its batch, as the dense
+layers' are (layer ablation and Q-PSA batch perturbed copies of one window and compare them with
+the unbatched base). Two optional observers on the `Transformer`:
 
 * `expert_hook(layer, name, expert, rows, x, y) -> y` after each expert matmul, name
   "ffn_gate_up_exps" or "ffn_down_exps", rows (n,) the flat B·T indices of the expert's tokens,
@@ -83,20 +87,23 @@ def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
     selected, gates = route(logits, k)  # (B, T, k) each
     if model.route_observer is not None:
         model.route_observer(i, selected)
+    E = cfg.n_expert
     xf = x.reshape(B * T, C)  # (N, C)
-    flat = selected.reshape(-1)  # (N·k,) expert of each (token, slot)
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-    counts = torch.bincount(flat, minlength=cfg.n_expert).tolist()
-    token_of = order // k  # (N·k,) token row of each pair, in expert order
+    sequence = torch.arange(B, device=x.device).repeat_interleave(T * k)  # (N·k,) of each (token, slot)
+    group = (sequence * E + selected.reshape(-1))  # (N·k,) (sequence, expert) of each (token, slot)
+    order = torch.argsort(group, stable=True)  # pairs grouped, tokens in order within a group
+    counts = torch.bincount(group, minlength=B * E).tolist()
+    token_of = order // k  # (N·k,) token row of each pair, in group order
     gate_of = gates.reshape(-1)[order]
     gate_up, down = w[p + "ffn_gate_up_exps.weight"], w[p + "ffn_down_exps.weight"]  # (E, 2F, C), (E, C, F)
     fast = not torch.is_grad_enabled()
     hook = model.expert_hook
     out = torch.zeros_like(xf)  # (N, C)
     start = 0
-    for e, n in enumerate(counts):
+    for index, n in enumerate(counts):
         if n == 0:
             continue
+        e = index % E
         rows = token_of[start : start + n]  # (n,)
         g = gate_of[start : start + n, None]  # (n, 1)
         start += n
