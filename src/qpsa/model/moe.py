@@ -120,23 +120,39 @@ def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
     return out.view(B, T, C)
 
 
+class RouterUsage:
+    """Installed as a model's `route_observer`, counts how often the router picks each expert:
+    `counts` (L, E), one per (token, slot) choice."""
+
+    def __init__(self, config):
+        self.k = config.n_expert_used
+        self.counts = torch.zeros(config.n_layer, config.n_expert, dtype=torch.int64)
+
+    def __call__(self, i: int, selected: torch.Tensor) -> None:
+        self.counts[i] += torch.bincount(selected.reshape(-1), minlength=self.counts.shape[1])
+
+    def to_dict(self) -> dict:
+        """{"tokens": tokens routed per layer, "k", "fraction": per layer, per expert, the fraction of
+        the tokens routed to it (a layer's fractions sum to k), "top_share": per layer, the busiest
+        expert's share of the layer's choices (1/E when the router spreads the tokens evenly)}."""
+        per_layer = self.counts.sum(-1).double()  # k · tokens of each layer
+        tokens = (per_layer / self.k).clamp(min=1)
+        fraction = self.counts.double() / tokens[:, None]
+        top = self.counts.amax(-1).double() / per_layer.clamp(min=1)
+        return {"tokens": int(tokens.max()), "k": self.k, "fraction": fraction.tolist(), "top_share": top.tolist()}
+
+
 def expert_usage(model, tokens: torch.Tensor) -> dict:
-    """How the router spreads the tokens over the experts: one forward of `tokens` (W, T) window
-    by window, counting every (token, slot) choice. Returns {"tokens", "k", "fraction": per layer,
-    per expert, the fraction of tokens routed to it (each layer's fractions sum to k)}."""
-    cfg = model.config
-    counts = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.int64)
-
-    def observe(i, selected):
-        counts[i] += torch.bincount(selected.reshape(-1), minlength=cfg.n_expert)
-
+    """How the router spreads `tokens` (W, T) over the experts: one forward window by window
+    (`RouterUsage.to_dict`)."""
+    usage = RouterUsage(model.config)
     previous = model.route_observer
-    model.route_observer = observe
+    model.route_observer = usage
     try:
         with torch.inference_mode():
             for w in range(tokens.shape[0]):
-                model.run_layers(model.embed(tokens[w : w + 1]), range(cfg.n_layer), torch.arange(tokens.shape[1]))
+                model.run_layers(model.embed(tokens[w : w + 1]), range(model.config.n_layer),
+                                 torch.arange(tokens.shape[1]))
     finally:
         model.route_observer = previous
-    n = int(tokens.numel())
-    return {"tokens": n, "k": cfg.n_expert_used, "fraction": (counts.double() / n).tolist()}
+    return usage.to_dict()
