@@ -11,11 +11,14 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from helpers.cli_run import assert_user_error
 from helpers.cli_run import run as cli
+from helpers.llamacpp_tools import requires, run_tool
 from helpers.tiny import PROSE, write_tiny_gguf
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.quants import dequantize, quantize
+from qpsa.gguf.read import open_gguf
 from qpsa.model.load import load_model
+from qpsa.quant.imatrix import read_imatrix
 from qpsa.quant.requantize import is_quantizable
 from qpsa.quant.sensitivity import group_variant, quant_groups
 
@@ -144,3 +147,39 @@ def test_inspect_shows_experts(moe, capsys):
     code, stdout, err = cli(capsys, "inspect", moe[0])
     assert code == 0 and "2 used per token" in stdout
     assert np.isclose(e["share_of_weights"], N_LAYER * N_EXPERT * 3 * 64 * 64 / n, atol=1e-4)
+
+
+@requires("llama-imatrix", "llama-quantize")
+def test_imatrix_and_requantize_equal_llama_cpp(tmp_path, capsys):
+    """On a tiny F32 qwen3moe: q-psa's imatrix has llama-imatrix's entries, the same per-expert counts
+    (so the same routing of every token), sums within 0.1% (llama.cpp keeps K/V in F16); requantizing
+    with it to Q4_0 gives llama-quantize --imatrix's bytes, expert by expert."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", "qwen3moe", n_layer=2, seed=4)
+    text = tmp_path / "prose.txt"
+    text.write_text(PROSE)
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "qpsa.gguf"
+    run_tool("llama-imatrix", "-m", path, "-f", text, "-c", 64, "--chunks", 3, "-t", 1, "--no-ppl", "-o", theirs,
+             timeout=120)
+    code, _, err = cli(capsys, "imatrix", path, "--text", text, "--ctx", 64, "--chunks", 3, "--output", ours, "--json")
+    assert code == 0, err
+    a, b = read_imatrix(ours), read_imatrix(theirs)
+    assert a.names == b.names and "blk.1.ffn_down_exps.weight" in a.names and "blk.0.ffn_gate_inp.weight" in a.names
+    assert (a.chunk_count, a.chunk_size) == (b.chunk_count, b.chunk_size)
+    for n in a.names:
+        assert a.counts[n].tolist() == b.counts[n].tolist(), n
+        assert a.counts[n].size == (N_EXPERT_WRITTEN if "_exps." in n else 1)
+        np.testing.assert_allclose(a.in_sum2[n], b.in_sum2[n], rtol=1e-3, atol=1e-3 * float(b.in_sum2[n].max()))
+    q_theirs, q_ours = tmp_path / "llama-q4.gguf", tmp_path / "qpsa-q4.gguf"
+    run_tool("llama-quantize", "--allow-requantize", "--pure", "--imatrix", theirs, path, q_theirs, "Q4_0", 1,
+             timeout=120)
+    code, _, err = cli(capsys, "requantize", path, "--type", "Q4_0", "--pure", "--imatrix", theirs, "--output", q_ours,
+                       "--json")
+    assert code == 0, err
+    x, y = open_gguf(q_ours), open_gguf(q_theirs)
+    assert {n: t.qtype.name for n, t in x.tensors.items()} == {n: t.qtype.name for n, t in y.tensors.items()}
+    assert x.tensors["blk.0.ffn_up_exps.weight"].qtype == Q.Q4_0
+    differ = [n for n in x.tensors if not np.array_equal(np.asarray(x.tensors[n].raw), np.asarray(y.tensors[n].raw))]
+    assert not differ, differ
+
+
+N_EXPERT_WRITTEN = 8  # write_tiny_gguf's default expert count
