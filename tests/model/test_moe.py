@@ -77,13 +77,15 @@ def test_logits_match_transformers(tmp_path, qtype, expert_qtype, tied, sizes, m
         torch.testing.assert_close(loaded.model(tokens), reference, atol=ATOL, rtol=RTOL)
 
 
-def test_logits_match_llama_cpp(tmp_path):
-    """llama.cpp (llama-cpp-python) on the same file: KL per token and top-1 agreement. llama.cpp
-    quantizes activations to 8 bits in its CPU matmuls, so the logits agree only closely."""
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_logits_match_llama_cpp(tmp_path, qtype):
+    """llama.cpp (llama-cpp-python) on the same file: mean KL per token (the issue's bound is 0.01
+    nats; measured 2e-10 in F32 and 9e-8 in Q8_0, where llama.cpp's CPU matmuls round activations
+    to 8 bits) and top-1 agreement (measured 100%)."""
     pytest.importorskip("llama_cpp")
     from qpsa.reference.llamacpp import LlamaCpp
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", "qwen3moe", qtype=Q.Q8_0, seed=3, n_layer=3)
+    path = write_tiny_gguf(tmp_path / "m.gguf", "qwen3moe", qtype=qtype, seed=3, n_layer=3)
     loaded = load_model(str(path))
     tokens = tokens_for(loaded.config.vocab_size, seed=5, batch=1)
     ref = LlamaCpp(path, ctx=64, threads=1)
@@ -95,7 +97,7 @@ def test_logits_match_llama_cpp(tmp_path):
         ours = loaded.model(tokens)[0].double()
     lp, lq = torch.log_softmax(theirs, -1), torch.log_softmax(ours, -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
-    assert float(kl.mean()) < 0.01, float(kl.mean())
+    assert float(kl.mean()) < 1e-5, float(kl.mean())
     assert float((theirs.argmax(-1) == ours.argmax(-1)).double().mean()) >= 0.95
 
 
