@@ -94,6 +94,10 @@ def test_sensitivity_by_expert_reports_router_usage(moe, capsys, tmp_path):
         routed = usage["fraction"][r["group"]["first_layer"]][r["group"]["expert"]]
         assert (r["kld"] == 0.0) == (routed == 0.0), r["group"]["name"]
     assert any(r["kld"] > 0 for r in result["rows"])
+    html = [f for f in result["files"] if f.endswith(".html")]
+    assert html, result["files"]
+    page = open(html[0], encoding="utf-8").read()
+    assert "Router usage" in page and "KLD of each expert alone" in page
     code, stdout, err = cli(capsys, "sensitivity", path, "--to", "q4_0", "--granularity", "expert", "--text", text,
                             "--ctx", 64, "--chunks", 2, "--out", tmp_path / "s")
     assert code == 0, err
