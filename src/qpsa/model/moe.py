@@ -13,8 +13,8 @@ Weights, as in the GGUF file (numpy order): `ffn_gate_inp` (E, C), `ffn_gate_exp
 (`Transformer._fuse`), so writing into `weights["blk.3.ffn_up_exps.weight"][5]` changes expert 5.
 
 The forward groups tokens by expert: one sort of the (token, slot) pairs by (sequence, expert),
-then per group one gather, two matmuls over all its tokens and one scatter-add of the weighted
-output; no loop over tokens. Groups are per sequence of the batch because a matmul's rounding
+then per group one gather and two matmuls over all its tokens; the weighted outputs go back to
+(token, slot) order with one gather and each token's k slots are summed; no loop over tokens. Groups are per sequence of the batch because a matmul's rounding
 depends on its row count (torch's CPU kernels give other float32 bits for 5 rows than for 8): so
 each sequence's result is bit for bit the same whichever sequences share its batch, as the dense
 layers' are (layer ablation and Q-PSA batch perturbed copies of one window and compare them with
@@ -96,9 +96,8 @@ def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
     token_of = order // k  # (N·k,) token row of each pair, in group order
     gate_of = gates.reshape(-1)[order]
     gate_up, down = w[p + "ffn_gate_up_exps.weight"], w[p + "ffn_down_exps.weight"]  # (E, 2F, C), (E, C, F)
-    fast = not torch.is_grad_enabled()
     hook = model.expert_hook
-    out = torch.zeros_like(xf)  # (N, C)
+    outs = []  # per group (n, C): the weighted expert outputs, in group order
     start = 0
     for index, n in enumerate(counts):
         if n == 0:
@@ -116,8 +115,10 @@ def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(act, down[e])  # (n, C)
         if hook is not None:
             y = hook(i, "ffn_down_exps", e, rows, act, y)
-        out = out.index_add_(0, rows, y.mul_(g)) if fast else out.index_add(0, rows, y * g)
-    return out.view(B, T, C)
+        outs.append(y * g)
+    # back to (token, slot) order with one gather, then each token's k weighted outputs summed
+    pairs = torch.cat(outs)[torch.argsort(order)]  # (N·k, C)
+    return pairs.view(B, T, k, C).sum(dim=2)
 
 
 class RouterUsage:
