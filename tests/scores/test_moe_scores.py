@@ -4,6 +4,8 @@ batched estimator's expert hook equals a brute-force forward of the perturbed by
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,20 @@ def test_qpsa_scores_moe_layers(moe):
         assert scores.scores[0] != 0.0 and scores.scores[2] != 0.0
         if not settings.layer_probes:
             assert set(scores.details["per_matrix"]["0"]) == set(MOE_MATRICES)
+
+
+def test_baseline_and_score_commands_on_moe(moe, prose, tmp_path, capsys, monkeypatch):
+    from helpers.cli_run import run
+
+    monkeypatch.setenv("QPSA_CACHE", str(tmp_path / "cache"))
+    code, stdout, err = run(capsys, "baseline", moe["path"], "--text", prose, "--max-tokens", 40,
+                            "--out", tmp_path / "b.json", "--json")
+    assert code == 0, err
+    methods = json.loads(stdout)["methods"]
+    assert methods["layer_ablation"]["scores"][IDENTITY] == 0.0 and methods["fisher"]["scores"][IDENTITY] == 0.0
+    code, stdout, err = run(capsys, "score", moe["path"], "--text", prose, "--samples-per-matrix", 2,
+                            "--max-tokens", 24, "--out", tmp_path / "s.json")
+    assert code == 0, err
+    assert "router" in stdout and "down×E" in stdout  # the MoE layer's matrices as columns
+    s = json.loads((tmp_path / "s.json").read_text())["methods"]["qpsa"]
+    assert s["details"]["matrices"] == list(MOE_MATRICES) and s["scores"][IDENTITY] == 0.0
