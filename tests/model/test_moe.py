@@ -49,7 +49,7 @@ def hf_moe(path, n_ff_exp: int):
 CASES = [  # (weights' type, experts' type, tied, sizes)
     (Q.F32, Q.F32, True, {}),
     (Q.Q8_0, Q.Q8_0, True, {}),
-    (Q.Q4_0, Q.Q4_1, False, {}),
+    (Q.Q4_0, Q.Q4_1, False, {"head_dim": 32}),  # heads wider than n_embd / n_head, as Qwen3-30B-A3B's
     (Q.F32, Q.Q4_K, True, {"n_embd": 256, "n_ff_exp": 256, "n_expert": 4}),
     (Q.Q8_0, Q.Q6_K, False, {"n_embd": 256, "n_ff_exp": 256, "n_expert": 4, "n_expert_used": 3}),
 ]
