@@ -2,16 +2,21 @@
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "gemma3", qtype=GGMLQuantizationType.Q8_0)
 
-writes a complete, loadable model of architecture "llama", "qwen2" or "gemma3" with every
+writes a complete, loadable model of architecture "llama", "qwen2", "gemma3" or "qwen3moe" with every
 metadata key the engine and transformers' GGUF loader read, random weights in GGUF layout
 (llama's attn_q/attn_k are, as in llama.cpp files, in the layout of the "norm" rope: whoever
 loads them for a rotate-half rope must un-permute them, as transformers does), and a small
 tokenizer:
 
-* llama, qwen2: a `gpt2` byte-level BPE vocabulary (3 control tokens, GPT-2's 256 byte symbols,
+* llama, qwen2, qwen3moe: a `gpt2` byte-level BPE vocabulary (3 control tokens, GPT-2's 256 byte symbols,
   then tokens merged by `TINY_MERGES`), `tokenizer.ggml.pre` "smollm" / "qwen2".
 * gemma3: a `llama` (sentencepiece) vocabulary: `<pad> <eos> <bos> <unk> <mask>`, `<0x00>`..`<0xFF>`,
   single characters and some `▁` pieces with scores; add_bos_token True.
+
+qwen3moe (Qwen3's mixture of experts): per-head q/k norms, a router `ffn_gate_inp` (F32, as llama-quantize
+leaves it) and `n_expert` experts of width `n_ff_exp` stacked in 3-D tensors `ffn_{gate,up,down}_exps`,
+`n_expert_used` per token; `expert_qtype` (default `qtype`) stores the experts in any type q-psa can
+quantize, K-quants included (rows of 256: n_embd=256, n_ff_exp=256).
 
 Any other `arch` string (e.g. "falcon") gets llama's tensors and tokenizer under that name, for
 testing how unsupported architectures are refused.
@@ -35,7 +40,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
-ARCHS = ("llama", "qwen2", "gemma3")
+ARCHS = ("llama", "qwen2", "gemma3", "qwen3moe")
 
 # Quantization types gguf-py can write (and so that tests can round-trip).
 WRITABLE_QTYPES = (
@@ -147,6 +152,10 @@ def write_tiny_gguf(
     identity_layer: int | None = None,
     tied: bool = True,
     std: float = 0.08,
+    n_expert: int = 8,
+    n_expert_used: int = 2,
+    n_ff_exp: int = 64,
+    expert_qtype: GGMLQuantizationType | None = None,
     **overrides,
 ) -> Path:
     """Write a tiny random model to `path` and return it (see the module docstring).
@@ -162,6 +171,8 @@ def write_tiny_gguf(
     """
     path = Path(path)
     qtype = GGMLQuantizationType(qtype)
+    moe = arch == "qwen3moe"
+    expert_qtype = qtype if expert_qtype is None else GGMLQuantizationType(expert_qtype)
     rng = np.random.default_rng(seed)
     gemma = arch == "gemma3"
     if head_dim is None:
@@ -169,7 +180,7 @@ def write_tiny_gguf(
     if qtype not in WRITABLE_QTYPES:
         raise ValueError(f"gguf-py cannot quantize to {qtype.name}; writable: {[q.name for q in WRITABLE_QTYPES]}")
     block = GGML_QUANT_SIZES[qtype][0]
-    for width in (n_embd, n_head * head_dim, n_ff):
+    for width in (n_embd, n_head * head_dim, *((n_ff_exp,) if moe else (n_ff,))):
         if width % block:
             raise ValueError(f"{qtype.name} needs row lengths that are multiples of {block}; got {width}")
 
@@ -189,9 +200,9 @@ def write_tiny_gguf(
     else:
         tokens, types, merges = bpe_vocab()
         md["tokenizer.ggml.model"] = ("gpt2", GGUFValueType.STRING)
-        md["tokenizer.ggml.pre"] = ("qwen2" if arch == "qwen2" else "smollm", GGUFValueType.STRING)
+        md["tokenizer.ggml.pre"] = ("qwen2" if arch in ("qwen2", "qwen3moe") else "smollm", GGUFValueType.STRING)
         md["tokenizer.ggml.merges"] = (merges, GGUFValueType.STRING)
-        bos, eos = (0, 0) if arch == "qwen2" else (1, 2)
+        bos, eos = (0, 0) if arch in ("qwen2", "qwen3moe") else (1, 2)
         md["tokenizer.ggml.bos_token_id"] = (bos, GGUFValueType.UINT32)
         md["tokenizer.ggml.eos_token_id"] = (eos, GGUFValueType.UINT32)
         md["tokenizer.ggml.padding_token_id"] = (0, GGUFValueType.UINT32)
@@ -211,7 +222,13 @@ def write_tiny_gguf(
     md[f"{arch}.attention.head_count"] = (n_head, u32)
     md[f"{arch}.attention.head_count_kv"] = (n_head_kv, u32)
     md[f"{arch}.attention.layer_norm_rms_epsilon"] = (1e-6 if gemma else 1e-5, f32)
-    md[f"{arch}.rope.freq_base"] = (1_000_000.0 if arch in ("gemma3", "qwen2") else 10_000.0, f32)
+    md[f"{arch}.rope.freq_base"] = (1_000_000.0 if arch in ("gemma3", "qwen2", "qwen3moe") else 10_000.0, f32)
+    if moe:
+        md[f"{arch}.expert_count"] = (n_expert, u32)
+        md[f"{arch}.expert_used_count"] = (n_expert_used, u32)
+        md[f"{arch}.expert_feed_forward_length"] = (n_ff_exp, u32)
+        md[f"{arch}.attention.key_length"] = (head_dim, u32)
+        md[f"{arch}.attention.value_length"] = (head_dim, u32)
     if gemma:
         md[f"{arch}.attention.key_length"] = (head_dim, u32)
         md[f"{arch}.attention.value_length"] = (head_dim, u32)
@@ -250,17 +267,24 @@ def write_tiny_gguf(
             tensors[p + "attn_v.bias"] = matrix(1, kv, 0.1)[0]
         tensors[p + "attn_output.weight"] = matrix(n_embd, q)
         tensors[p + "ffn_norm.weight"] = norm(n_embd)
-        tensors[p + "ffn_gate.weight"] = matrix(n_ff, n_embd)
-        tensors[p + "ffn_up.weight"] = matrix(n_ff, n_embd)
-        tensors[p + "ffn_down.weight"] = matrix(n_embd, n_ff)
-        if gemma:
+        if moe:  # a router with spread-out logits, so that routing differs from token to token
+            tensors[p + "ffn_gate_inp.weight"] = matrix(n_expert, n_embd, 0.3)
+            tensors[p + "ffn_gate_exps.weight"] = np.stack([matrix(n_ff_exp, n_embd) for _ in range(n_expert)])
+            tensors[p + "ffn_up_exps.weight"] = np.stack([matrix(n_ff_exp, n_embd) for _ in range(n_expert)])
+            tensors[p + "ffn_down_exps.weight"] = np.stack([matrix(n_embd, n_ff_exp) for _ in range(n_expert)])
+        else:
+            tensors[p + "ffn_gate.weight"] = matrix(n_ff, n_embd)
+            tensors[p + "ffn_up.weight"] = matrix(n_ff, n_embd)
+            tensors[p + "ffn_down.weight"] = matrix(n_embd, n_ff)
+        if gemma or moe:
             tensors[p + "attn_q_norm.weight"] = norm(head_dim)
             tensors[p + "attn_k_norm.weight"] = norm(head_dim)
+        if gemma:
             tensors[p + "post_attention_norm.weight"] = norm(n_embd)
             tensors[p + "post_ffw_norm.weight"] = norm(n_embd)
         if i == identity_layer:
             tensors[p + "attn_output.weight"][:] = 0
-            tensors[p + "ffn_down.weight"][:] = 0
+            tensors[p + ("ffn_down_exps.weight" if moe else "ffn_down.weight")][:] = 0
     tensors["output_norm.weight"] = norm(n_embd)
     if not tied:
         tensors["output.weight"] = matrix(n_vocab, n_embd, 0.1)
@@ -274,8 +298,14 @@ def write_tiny_gguf(
         else:
             writer.add_key_value(key, value, vtype or GGUFValueType.get_type(value))
     for name, data in tensors.items():
-        if data.ndim == 2 and qtype != GGMLQuantizationType.F32:
-            writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+        target = expert_qtype if "_exps." in name else qtype
+        if data.ndim >= 2 and target != GGMLQuantizationType.F32 and "ffn_gate_inp" not in name:
+            if target in WRITABLE_QTYPES:
+                writer.add_tensor(name, quantize(data, target), raw_dtype=target)
+            else:  # K-quants: q-psa's own quantizer (gguf-py has none)
+                from qpsa.gguf.quants import quantize as qpsa_quantize
+
+                writer.add_tensor(name, qpsa_quantize(data, target), raw_dtype=target)
         else:
             writer.add_tensor(name, data)
     writer.write_header_to_file()

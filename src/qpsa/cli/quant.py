@@ -122,7 +122,9 @@ def _unchanged(choice):
 
 
 CtxOpt = Annotated[int, typer.Option(help="window size in tokens (llama.cpp's perplexity protocol)")]
-GranularityOpt = Annotated[str, typer.Option(help="requantize one layer at a time, or one tensor at a time")]
+GranularityOpt = Annotated[str, typer.Option(
+    help="requantize one layer at a time, or one tensor; mixture-of-experts models: 'experts' (each layer's experts "
+         "together, the rest of the layer apart) or 'expert' (one expert at a time; sensitivity only)")]
 ResumeOpt = Annotated[bool, typer.Option(help="reuse the finished groups of a matching earlier run in --out")]
 ImatrixOpt = Annotated[Optional[str], typer.Option(
     help="importance matrix (GGUF or .dat, from llama-imatrix or q-psa imatrix): every requantization is weighted "

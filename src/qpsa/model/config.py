@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from qpsa.errors import QpsaError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3", "qwen3moe")
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,19 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k (gemma3)
     post_norms: bool = False  # RMSNorm on the attention and FFN outputs before the residual add (gemma3)
     final_logit_softcap: float = 0.0
+    n_expert: int = 0  # routed experts per layer (qwen3moe); 0 for a dense FFN
+    n_expert_used: int = 0  # experts each token is routed to (top-k)
+    n_ff_exp: int = 0  # width of one expert's FFN
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def scale(self) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def active_ff(self) -> int:
+        """FFN width one token goes through: n_ff, or an MoE layer's k experts' together."""
+        return self.n_ff_exp * self.n_expert_used if self.n_expert else self.n_ff
 
 
 def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> ModelConfig:
@@ -81,7 +89,9 @@ def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> Model
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ff=_per_layer_constant(key("feed_forward_length"), arch, "feed_forward_length"),
+        # an MoE file's feed_forward_length is the unused dense width (llama.cpp does not need it)
+        n_ff=_per_layer_constant(key("feed_forward_length", 0, required=arch != "qwen3moe"), arch,
+                                 "feed_forward_length"),
         vocab_size=vocab,
         context_length=int(key("context_length", 2048, required=False)),
         norm_eps=float(key("attention.layer_norm_rms_epsilon")),
@@ -98,6 +108,8 @@ def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> Model
         return ModelConfig(**common, rope_interleaved=True)
     if arch == "qwen2":
         return ModelConfig(**common, rope_interleaved=False)
+    if arch == "qwen3moe":  # per-head q/k RMS norms, neox rope, routed experts (qpsa.model.moe)
+        return ModelConfig(**common, rope_interleaved=False, qk_norm=True, **_moe_fields(key, arch, common["n_ff"]))
     # gemma3: GeGLU, q/k norms, norms after attention and FFN, embeddings scaled by sqrt(C),
     # sliding-window attention on 5 of every 6 layers with its own rope base (llama.cpp's
     # defaults for gemma3; a `sliding_window_pattern` array in the file overrides them).
@@ -123,6 +135,32 @@ def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> Model
         post_norms=True,
         final_logit_softcap=float(key("final_logit_softcapping", 0.0, required=False) or 0.0),
     )
+
+
+def _moe_fields(key, arch: str, n_ff: int) -> dict:
+    """Expert counts and width, as llama.cpp's qwen3moe reads them. Its routing is fixed in its
+    graph (softmax over the router's logits, top-k, the k weights renormalized to sum 1, no
+    scaling, no expert groups): a file whose keys ask for anything else is refused by name."""
+    n_expert = int(key("expert_count"))
+    used = _per_layer_constant(key("expert_used_count"), arch, "expert_used_count")
+    if not 0 < used <= n_expert:
+        raise QpsaError(f"{arch}: expert_used_count {used} must be between 1 and expert_count {n_expert}")
+    n_ff_exp = _per_layer_constant(key("expert_feed_forward_length", 0, required=False), arch,
+                                   "expert_feed_forward_length") or n_ff // used
+    if n_ff_exp < 1:
+        raise QpsaError(f"GGUF metadata lacks {arch}.expert_feed_forward_length, which a {arch} model needs")
+    unsupported = {
+        "expert_group_count": (key("expert_group_count", 0, required=False) or 0) > 1,
+        "expert_shared_count": (key("expert_shared_count", 0, required=False) or 0) > 0,
+        "expert_gating_func": key("expert_gating_func", 1, required=False) not in (0, 1),  # 1 = softmax
+        "expert_weights_norm": key("expert_weights_norm", True, required=False) is False,
+        "expert_weights_scale": float(key("expert_weights_scale", 0.0, required=False) or 0.0) not in (0.0, 1.0),
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            raise QpsaError(f"{arch}.{name} = {key(name)!r} is not supported: {arch} routes by softmax, top-k, "
+                            "renormalized weights, no expert groups or shared experts (as llama.cpp does)")
+    return {"n_expert": n_expert, "n_expert_used": used, "n_ff_exp": n_ff_exp}
 
 
 def _per_layer_constant(value, arch: str, name: str) -> int:

@@ -51,6 +51,7 @@ class ModelReport:
     bits_per_weight: float  # over all tensors
     tensors: list[TensorRow] = field(default_factory=list)
     layers: list[LayerTotal] = field(default_factory=list)
+    experts: dict | None = None  # a mixture-of-experts model's expert counts and sizes (`expert_summary`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +87,7 @@ def inspect_file(gguf_file: GGUFFile, layer: int | None = None) -> ModelReport:
         total.bits_per_weight = round(8 * total.bytes / total.n_weights, 4)
     n_weights = sum(t.n_elements for t in gguf_file.tensors.values())
     n_bytes = sum(r.bytes for r in rows)
+    experts = expert_summary(gguf_file, arch, n_weights)
     tokens = md.get("tokenizer.ggml.tokens")
     if layer is not None:
         rows = [r for r in rows if r.layer == layer]
@@ -108,4 +110,32 @@ def inspect_file(gguf_file: GGUFFile, layer: int | None = None) -> ModelReport:
         bits_per_weight=round(8 * n_bytes / max(n_weights, 1), 4),
         tensors=rows,
         layers=[layers[i] for i in sorted(layers) if layer is None or i == layer],
+        experts=experts,
     )
+
+
+def expert_summary(gguf_file: GGUFFile, arch: str, n_weights: int) -> dict | None:
+    """Expert counts (from the metadata) and sizes (from the stacked ffn_*_exps tensors): one
+    expert's weights and bytes per layer, all experts' share of the file's weights, and the
+    weights one token goes through (everything but the experts it is not routed to)."""
+    md = gguf_file.metadata
+    exps = [t for t in gguf_file.tensors.values() if "_exps." in t.name and len(t.shape) == 3]
+    count = md.get(f"{arch}.expert_count")
+    if not exps and not count:
+        return None
+    used = md.get(f"{arch}.expert_used_count")
+    used = used[0] if isinstance(used, list) and used else used
+    per_layer: dict[int, dict] = {}
+    for t in exps:
+        m = _LAYER.match(t.name)
+        layer = per_layer.setdefault(int(m.group(1)) if m else -1, {"weights": 0, "bytes": 0, "types": []})
+        layer["weights"] += t.n_elements // t.shape[0]
+        layer["bytes"] += int(t.raw.nbytes) // t.shape[0]
+        layer["types"].append(t.qtype.name)
+    n_expert = count or (exps[0].shape[0] if exps else 0)
+    in_experts = sum(t.n_elements for t in exps)
+    active = n_weights - in_experts + (in_experts * used // n_expert if used and n_expert else in_experts)
+    return {"count": count, "used": used, "feed_forward_length": md.get(f"{arch}.expert_feed_forward_length"),
+            "layers": len(per_layer), "share_of_weights": round(in_experts / max(n_weights, 1), 4),
+            "active_weights_per_token": active,
+            "per_expert": [{"layer": i, **v} for i, v in sorted(per_layer.items())]}

@@ -75,7 +75,8 @@ def load_model(
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward needs, with its shape in numpy order (rows, row length)."""
+    """Every tensor the forward needs, with its shape in numpy order (rows, row length; experts'
+    tensors (expert, rows, row length))."""
     c = config
     q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     shapes = {"token_embd.weight": (c.vocab_size, c.n_embd), "output_norm.weight": (c.n_embd,)}
@@ -88,10 +89,21 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "attn_v.weight": (kv, c.n_embd),
             p + "attn_output.weight": (c.n_embd, q),
             p + "ffn_norm.weight": (c.n_embd,),
-            p + "ffn_gate.weight": (c.n_ff, c.n_embd),
-            p + "ffn_up.weight": (c.n_ff, c.n_embd),
-            p + "ffn_down.weight": (c.n_embd, c.n_ff),
         }
+        if c.n_expert:  # the router and the experts' matrices stacked (expert, rows, row length)
+            E, F = c.n_expert, c.n_ff_exp
+            shapes |= {
+                p + "ffn_gate_inp.weight": (E, c.n_embd),
+                p + "ffn_gate_exps.weight": (E, F, c.n_embd),
+                p + "ffn_up_exps.weight": (E, F, c.n_embd),
+                p + "ffn_down_exps.weight": (E, c.n_embd, F),
+            }
+        else:
+            shapes |= {
+                p + "ffn_gate.weight": (c.n_ff, c.n_embd),
+                p + "ffn_up.weight": (c.n_ff, c.n_embd),
+                p + "ffn_down.weight": (c.n_embd, c.n_ff),
+            }
         if c.qk_norm:
             shapes |= {p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)}
         if c.post_norms:

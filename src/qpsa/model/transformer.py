@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from qpsa.model.config import ModelConfig
 from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm
+from qpsa.model.moe import fuse_experts, moe_ffn
 
 
 class Transformer:
@@ -41,6 +42,8 @@ class Transformer:
         # x (B, T, in) and output y (B, T, out). Scoring uses it to give each batch element its own
         # weight perturbation without copying the weights.
         self.linear_hook = None
+        self.expert_hook = None  # the same for the experts' matmuls of an MoE layer (qpsa.model.moe)
+        self.route_observer = None  # (layer, selected experts (B, T, k)) on every MoE layer
         self._rope_freqs = self.weights.get("rope_freqs.weight")
 
     # ---- weights -------------------------------------------------------------------------
@@ -64,11 +67,12 @@ class Transformer:
                     rows = w[p + n].shape[0]
                     w[p + n] = whole[start : start + rows]
                     start += rows
+        fuse_experts(w, self.config.n_layer)
 
     def layer_names(self, i: int) -> list[str]:
         """GGUF names of the tensors of layer i (views, not the fused copies)."""
         p = f"blk.{i}."
-        return [n for n in self.weights if n.startswith(p) and "_qkv." not in n and "_gate_up." not in n]
+        return [n for n in self.weights if n.startswith(p) and not is_fused(n)]
 
     # ---- pieces of the forward -------------------------------------------------------------
 
@@ -123,6 +127,9 @@ class Transformer:
         h = att.add_(h) if fast else h + att
 
         x = self._norm(h, w[p + "ffn_norm.weight"])
+        if cfg.n_expert:  # routed experts (qwen3moe)
+            out = moe_ffn(self, i, x)  # (B, T, C)
+            return out.add_(h) if fast else h + out
         gate_up = self._linear(i, "ffn_gate_up", x)  # (B, T, 2F)
         gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) views
         if fast:  # in place: the down projection reads the gate half of the buffer
@@ -221,12 +228,13 @@ class Transformer:
         return y if self.linear_hook is None else self.linear_hook(i, name, x, y)
 
     def fused_rows(self, i: int, name: str) -> tuple[str, int]:
-        """(fused weight name, first row) for a per-matrix name such as "attn_k" in layer i."""
-        for fused, parts in (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up"))):
+        """(fused weight name, first row) for a per-matrix name such as "attn_k" in layer i; rows are
+        the second-to-last axis (an expert tensor's rows within each expert)."""
+        for fused, parts in FUSED_PARTS:
             if name in parts:
                 start = 0
                 for part in parts[: parts.index(name)]:
-                    start += self.weights[f"blk.{i}.{part}.weight"].shape[0]
+                    start += self.weights[f"blk.{i}.{part}.weight"].shape[-2]
                 return fused, start
         return name, 0
 
@@ -288,6 +296,15 @@ class Transformer:
         return (dist >= 0) & (dist < self.config.sliding_window)
 
 
+FUSED_PARTS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("ffn_gate", "ffn_up")),
+               ("ffn_gate_up_exps", ("ffn_gate_exps", "ffn_up_exps")))
+
+
+def is_fused(name: str) -> bool:
+    """True for the fused copies (attn_qkv, ffn_gate_up, ffn_gate_up_exps) whose parts have their own names."""
+    return "_qkv." in name or "_gate_up." in name or "_gate_up_exps." in name
+
+
 ATTENTION_BLOCK = 32  # query positions per block in causal_attention
 HEAD_CHUNK = 1024  # vocabulary rows per output-head matmul in Transformer.head_nll
 
@@ -344,7 +361,7 @@ def token_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def param_count(model: Transformer) -> int:
     seen, total = set(), 0
     for name, t in model.weights.items():
-        if "_qkv." in name or "_gate_up." in name or id(t) in seen:
+        if is_fused(name) or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel()
@@ -359,7 +376,8 @@ def forward_flops(config: ModelConfig, n_tokens: int, n_scored: int) -> float:
     """
     c = config
     qkv = c.n_embd * (c.n_head + 2 * c.n_head_kv) * c.head_dim
-    per_token = qkv + c.n_head * c.head_dim * c.n_embd + 3 * c.n_embd * c.n_ff
+    ffn = c.n_embd * (c.n_expert + 3 * c.n_ff_exp * c.n_expert_used) if c.n_expert else 3 * c.n_embd * c.n_ff
+    per_token = qkv + c.n_head * c.head_dim * c.n_embd + ffn
     flops = 2.0 * c.n_layer * per_token * n_tokens
     for i in range(c.n_layer):
         window = c.sliding_window if c.swa_layers and c.swa_layers[i] else None

@@ -60,12 +60,15 @@ LLAMA_UBATCH = 512  # its default -ub: rows per micro-batch
 MIN_ROWS = 16  # llama-imatrix ignores matmuls over fewer rows
 WINDOW_BATCH = 4  # windows per forward here (any value gives the same sums to float rounding)
 
-# The Transformer's fused matmuls (`linear_hook` names) and the GGUF matrices sharing each input.
+# The Transformer's fused matmuls (`linear_hook` and `expert_hook` names) and the GGUF matrices sharing each input.
 SHARED_INPUT = {
     "attn_qkv": ("attn_q", "attn_k", "attn_v"),
     "attn_output": ("attn_output",),
     "ffn_gate_up": ("ffn_gate", "ffn_up"),
     "ffn_down": ("ffn_down",),
+    "ffn_gate_inp": ("ffn_gate_inp",),  # an MoE layer's router
+    "ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps"),  # its experts: one row of sums per expert
+    "ffn_down_exps": ("ffn_down_exps",),
 }
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
@@ -89,8 +92,13 @@ class Imatrix:
         return sorted(self.in_sum2)
 
     def mean(self, name: str) -> np.ndarray:
-        """in_sum2 / count per column, (n_mat, in): the weights llama-quantize uses."""
-        return self.in_sum2[name] / np.maximum(self.counts[name], 1)[:, None].astype(np.float32)
+        """in_sum2 / count per column, (n_mat, in): the weights llama-quantize uses (1 for every column
+        of an expert no row was routed to, as llama-quantize reads such a GGUF entry)."""
+        counts = self.counts[name]
+        mean = self.in_sum2[name] / np.maximum(counts, 1)[:, None].astype(np.float32)
+        if counts.size > 1 and (counts == 0).any():
+            mean[counts == 0] = 1.0
+        return mean
 
     def ranking(self) -> list[tuple[str, float]]:
         """(name, mean of in_sum2/count over its columns), largest first."""
@@ -121,7 +129,8 @@ class Imatrix:
                                 f"tensor {tuple(tensor.shape)} needs {n_mat} × {cols} (an imatrix for another model?)")
             if counts.size not in (1, n_mat):
                 raise QpsaError(f"{where}: {name} has {counts.size} counts; the model's tensor has {n_mat} matrices")
-            if (counts <= 0).any():
+            unused = (counts == 0).all() if n_mat > 1 else (counts == 0).any()  # some unused experts are allowed
+            if unused or (counts < 0).any():
                 raise QpsaError(f"{where}: {name} has a count of {int(counts.min())}: no rows were collected for it")
             if not np.isfinite(sums).all() or (sums < 0).any():
                 raise QpsaError(f"{where}: {name} has sums of squares that are negative or not finite")
@@ -315,8 +324,21 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
             sum2[key], sum1[key], count[key] = s2, s1, rows.shape[0]
         return y
 
-    previous = model.linear_hook
-    model.linear_hook = hook
+    def expert_hook(layer: int, fused: str, e: int, token_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        # llama-imatrix adds every routed row of an indirect matmul (no 16-row minimum, no mask)
+        key = (layer, fused)
+        if key not in sum2:
+            shape = (model.config.n_expert, x.shape[-1])
+            sum2[key] = torch.zeros(shape, dtype=torch.float64)
+            sum1[key] = torch.zeros(shape, dtype=torch.float64)
+            count[key] = torch.zeros(shape[0], dtype=torch.int64)
+        sum2[key][e] += x.square().sum(0, dtype=torch.float64)
+        sum1[key][e] += x.sum(0, dtype=torch.float64)
+        count[key][e] += x.shape[0]
+        return y
+
+    previous, previous_expert = model.linear_hook, model.expert_hook
+    model.linear_hook, model.expert_hook = hook, expert_hook
     try:
         with torch.inference_mode():
             positions = torch.arange(ctx)
@@ -326,15 +348,16 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
                 model.run_layers(model.embed(tokens), range(model.config.n_layer), positions)
                 advance(steps=tokens.shape[0])
     finally:
-        model.linear_hook = previous
+        model.linear_hook, model.expert_hook = previous, previous_expert
 
     in_sum2, in_sum, counts = {}, {}, {}
     for (layer, fused), s2 in sum2.items():
         for part in SHARED_INPUT[fused]:
             name = f"blk.{layer}.{part}.weight"
-            if name in model.weights:
-                in_sum2[name] = s2.float().numpy()[None, :]
-                in_sum[name] = sum1[(layer, fused)].float().numpy()[None, :]
-                counts[name] = np.array([count[(layer, fused)]], dtype=np.int64)
+            if name in model.weights:  # (n_mat, in): one row, or one per expert
+                in_sum2[name] = s2.float().numpy().reshape(-1, s2.shape[-1])
+                in_sum[name] = sum1[(layer, fused)].float().numpy().reshape(-1, s2.shape[-1])
+                c = count[(layer, fused)]
+                counts[name] = np.array(c.numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
     top = max((int(c.max()) for c in counts.values()), default=0)
     return Imatrix(in_sum2, counts, [dataset], (top + ctx // 2) // ctx, ctx, in_sum)

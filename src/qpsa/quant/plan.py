@@ -83,6 +83,7 @@ class PlanResult:
     _gguf_file: object = None
     _imatrix: object = None
     _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
+    expert_usage: dict | None = None  # an MoE model's router usage on the measured windows
 
     def to_dict(self) -> dict:
         return {"target_bpw": self.target_bpw, "target_preset": self.target_preset, "budget_bytes": self.budget_bytes,
@@ -90,6 +91,7 @@ class PlanResult:
                 "plan": self.plan.to_dict(), "uniform": [u.to_dict() for u in self.uniform],
                 "presets": [p.to_dict() for p in self.presets], "frontier": self.frontier(),
                 "fallback": self.fallback, "estimator": self.estimator, "groups": self.groups,
+                **({"expert_usage": self.expert_usage} if self.expert_usage is not None else {}),
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
                 "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
 
@@ -188,6 +190,9 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
     gguf_file = loaded.file
     imatrix = session.imatrix
     groups = quant_groups(loaded, granularity)
+    if granularity == "expert":
+        raise QpsaError("plan needs one type per tensor, and an expert is a slice of its layer's expert tensors: "
+                        "use --granularity experts (each layer's experts together) for a mixture-of-experts model")
     n_weights = sum(t.n_elements for t in gguf_file.tensors.values())
     grouped = {n for g in groups for n in g.tensors}
     fixed = sum(t.raw.nbytes for n, t in gguf_file.tensors.items() if n not in grouped)
@@ -278,6 +283,7 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
                            "plan_kld": plan_measured.stats.kld, "bytes": best.n_bytes}
         result.choices = checked[best.label][1]
         result._base = best.label.lower() if best in presets else None
+    result.expert_usage = session.reference().expert_usage
     result.seconds = time.perf_counter() - start
     return result
 

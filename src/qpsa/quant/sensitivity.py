@@ -28,7 +28,6 @@ llama.cpp does; neighbouring tokens are correlated, so it understates the uncert
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -37,65 +36,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qpsa.eval.perplexity import Windows
+from qpsa.model.moe import RouterUsage
 from qpsa.model.transformer import Transformer
 from qpsa.progress import Advance, no_progress
-from qpsa.quant.requantize import FALLBACK, is_quantizable, quantized_raw
+from qpsa.quant.groups import GRANULARITIES, QuantGroup, quant_groups  # noqa: F401 (re-exported)
+from qpsa.quant.requantize import FALLBACK, quantized_raw
 from qpsa.stats import mean_se
 
 Q = GGMLQuantizationType
-_LAYER = re.compile(r"^blk\.(\d+)\.")
-
-
-@dataclass
-class QuantGroup:
-    """Tensors requantized together: one layer's weights, one tensor, or the embedding/head."""
-
-    name: str  # "layer 3", "blk.3.ffn_down.weight", "token_embd.weight"
-    tensors: list[str]
-    first_layer: int  # the first layer whose output changes (0 for the embedding, L for a separate head)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def quant_groups(loaded, granularity: str = "layer") -> list[QuantGroup]:
-    """The quantizable tensors of a model grouped by layer or one per tensor, in forward order."""
-    if granularity not in ("layer", "tensor"):
-        from qpsa.errors import QpsaError
-
-        raise QpsaError(f"--granularity must be layer or tensor (got {granularity!r})")
-    n_layer = loaded.config.n_layer
-    by_layer: dict[int, list[str]] = {}
-    embedding, head = [], []
-    for name, t in loaded.file.tensors.items():
-        if not is_quantizable(name, t.shape):
-            continue
-        m = _LAYER.match(name)
-        if m:
-            by_layer.setdefault(int(m.group(1)), []).append(name)
-        elif name == "output.weight":
-            head.append(name)
-        else:
-            embedding.append(name)
-    groups = [QuantGroup(name, [name], 0) for name in embedding]
-    for i in sorted(by_layer):
-        names = sorted(by_layer[i], key=_tensor_order)
-        if granularity == "layer":
-            groups.append(QuantGroup(f"layer {i}", names, i))
-        else:
-            groups += [QuantGroup(name, [name], i) for name in names]
-    groups += [QuantGroup(name, [name], n_layer) for name in head]
-    return groups
-
-
-_ORDER = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
-
-
-def _tensor_order(name: str) -> tuple[int, str]:
-    for k, part in enumerate(_ORDER):
-        if part in name:
-            return k, name
-    return len(_ORDER), name
 
 
 def fitted_type(row: int, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -110,7 +58,7 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
                   imatrix=None) -> tuple[dict[str, torch.Tensor], dict]:
     """The group's weights requantized to qtype (fallback types where rows do not fit; with an
     `imatrix`, weighted by it as llama-quantize --imatrix): new float32 values by tensor name, and
-    {"bytes", "bytes_before", "types"} of the group."""
+    {"bytes", "bytes_before", "types"} of the group (`group_size`)."""
     from qpsa.gguf.quants import dequantize
 
     values = {}
@@ -119,8 +67,14 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
         target = fitted_type(t.shape[-1], qtype)
         if target == t.qtype:
             continue  # the same bytes: unchanged values
-        raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
-        values[name] = dequantize(raw, target, t.shape)
+        if group.expert is None:
+            raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
+            values[name] = dequantize(raw, target, t.shape)
+        else:  # that expert's matrix requantized, with its own imatrix row where there is one
+            whole = t.to_torch()
+            raw = _expert_raw(name, whole[group.expert].numpy(), group.expert, target, imatrix)
+            whole[group.expert] = dequantize(raw, target, t.shape[1:])
+            values[name] = whole
     return values, group_size(loaded, group, qtype)
 
 
@@ -131,10 +85,21 @@ def group_size(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> dict:
         t = loaded.file.tensors[name]
         target = fitted_type(t.shape[-1], qtype)
         block, size = GGML_QUANT_SIZES[target]
-        n_bytes += t.n_elements // block * size
-        n_before += t.raw.nbytes
+        share = t.shape[0] if group.expert is not None else 1  # one expert: its share of the stacked tensor
+        n_bytes += t.n_elements // share // block * size
+        n_before += t.raw.nbytes // share
         types[name] = target.name
     return {"bytes": n_bytes, "bytes_before": n_before, "types": types}
+
+
+def _expert_raw(name: str, values: np.ndarray, expert: int, qtype, imatrix) -> np.ndarray:
+    from qpsa.gguf.quants import quantize
+
+    n = values.shape[-1]
+    weights = None
+    if imatrix is not None and name in imatrix.in_sum2:
+        weights = imatrix.mean(name).reshape(-1, n)[expert]
+    return quantize(values.reshape(-1, n), qtype, weights).reshape(-1)
 
 
 @dataclass
@@ -170,20 +135,29 @@ class Reference:
         self.states: list[list[torch.Tensor]] = []  # [window][layer] (1, T, C)
         self.logp: list[torch.Tensor] = []  # [window] (S, V) float32 log-probabilities
         self.top: list[torch.Tensor] = []  # [window] (S,) argmax
+        # an MoE model's router usage over the windows (every position, as the router sees them)
+        usage = RouterUsage(model.config) if model.config.n_expert else None
+        previous = model.route_observer
+        if usage is not None:
+            model.route_observer = usage
         nll = []
-        with torch.inference_mode():
-            for w in range(n):
-                h = model.embed(windows.tokens[w : w + 1])
-                states = [h]
-                for i in range(model.config.n_layer):
-                    h = model.block(i, h, self.positions)
-                    states.append(h)
-                self.states.append(states)
-                logp = self._log_probs(h)
-                self.logp.append(logp.float())
-                self.top.append(logp.argmax(-1))
-                nll.append(-logp.gather(-1, self._targets(w))[:, 0])
-                advance()
+        try:
+            with torch.inference_mode():
+                for w in range(n):
+                    h = model.embed(windows.tokens[w : w + 1])
+                    states = [h]
+                    for i in range(model.config.n_layer):
+                        h = model.block(i, h, self.positions)
+                        states.append(h)
+                    self.states.append(states)
+                    logp = self._log_probs(h)
+                    self.logp.append(logp.float())
+                    self.top.append(logp.argmax(-1))
+                    nll.append(-logp.gather(-1, self._targets(w))[:, 0])
+                    advance()
+        finally:
+            model.route_observer = previous
+        self.expert_usage = None if usage is None else usage.to_dict()
         self.nll = torch.cat(nll).numpy()  # (n·S,) float64
         self.ppl = math.exp(float(self.nll.mean()))
 
@@ -269,10 +243,14 @@ class SensitivityResult:
     ppl_base: float = 0.0
     n_tokens: int = 0
     seconds: float = 0.0
+    expert_usage: dict | None = None  # an MoE model's router usage on the measured windows (RouterUsage.to_dict)
 
     def to_dict(self) -> dict:
-        return {"type": self.qtype, "granularity": self.granularity, "ppl_base": self.ppl_base,
-                "n_tokens": self.n_tokens, "seconds": self.seconds, "rows": [r.to_dict() for r in self.rows]}
+        d = {"type": self.qtype, "granularity": self.granularity, "ppl_base": self.ppl_base,
+             "n_tokens": self.n_tokens, "seconds": self.seconds, "rows": [r.to_dict() for r in self.rows]}
+        if self.expert_usage is not None:
+            d["expert_usage"] = self.expert_usage
+        return d
 
 
 def run_sensitivity(
@@ -288,7 +266,8 @@ def run_sensitivity(
     import time
 
     start = time.perf_counter()
-    result = SensitivityResult(qtype.name, "", ppl_base=ref.ppl, n_tokens=ref.nll.size)
+    result = SensitivityResult(qtype.name, "", ppl_base=ref.ppl, n_tokens=ref.nll.size,
+                               expert_usage=getattr(ref, "expert_usage", None))
     for group in groups:
         if done and group.name in done:
             result.rows.append(done[group.name])

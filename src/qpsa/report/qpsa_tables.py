@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 SHORT = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
-         "ffn_down": "down"}
+         "ffn_down": "down", "ffn_gate_inp": "router", "ffn_gate_exps": "gate×E", "ffn_up_exps": "up×E",
+         "ffn_down_exps": "down×E"}
 
 
 def _scale(values) -> int:
@@ -45,8 +46,8 @@ def qpsa_report(console: Console, run) -> None:
              + (f", K={d['probes']} probes per {d.get('probe_scope', 'matrix')}" if d.get("probes") else ""))
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False,
                   caption=f"values {unit or 'as is'}: ½(ΔPPL(+)+ΔPPL(−)) per {d['unit']} moved; score = "
-                          + ("mean of the 7 matrix columns" if matrices else "mean over units moved in all 7 matrices "
-                             "at once (layer-scope probes)") + "; rank 1 = most important")
+                          + (f"mean of the {len(matrices)} matrix columns" if matrices else "mean over units moved in all "
+                             f"{len(d['matrices'])} matrices at once (layer-scope probes)") + "; rank 1 = most important")
     table.add_column("layer", justify="right", no_wrap=True)
     table.add_column("score±se", justify="right", no_wrap=True, min_width=10)
     table.add_column("rank", justify="right", no_wrap=True)

@@ -38,19 +38,41 @@ def sensitivity_report(console: Console, result, header: dict) -> None:
     rank = {k: n + 1 for n, k in enumerate(order)}
     table = Table(title=f"Each {result.granularity} alone requantized to {result.qtype}, against the unmodified model "
                         f"(PPL {result.ppl_base:.4f}, {result.n_tokens} tokens)")
-    for col in ("rank", "group", "MiB", "KLD ± se", "p99", "ΔPPL ± se", "same top"):
+    usage = result.expert_usage
+    per_expert = usage is not None and any(r.group.expert is not None for r in result.rows)
+    cols = ("rank", "group", "MiB", "KLD ± se", "p99", "ΔPPL ± se", "same top") + (("routed",) if per_expert else ())
+    for col in cols:
         table.add_column(col, justify="left" if col == "group" else "right", no_wrap=True)
     for k, r in enumerate(result.rows):
         s = r.stats
         fallback = sorted({t for t in r.types.values() if t != result.qtype})
         name = r.group.name + (f" ({', '.join(fallback)})" if fallback else "")
+        routed = ()
+        if per_expert:
+            routed = (f"{100 * usage['fraction'][r.group.first_layer][r.group.expert]:.1f}%",)
         table.add_row(str(rank[k]), name, f"{r.bytes_before / 2**20:.2f}→{r.bytes / 2**20:.2f}",
                       f"{s.kld:.2e} ± {s.kld_se:.0e}", f"{s.kld_p99:.1e}", f"{s.dppl:+.3f} ± {s.ppl * s.dnll_se:.3f}",
-                      f"{100 * s.same_top:.1f}%")
+                      f"{100 * s.same_top:.1f}%", *routed)
     console.print(table)
+    if usage is not None:
+        expert_usage_report(console, usage)
     console.print(f"types in brackets: fallbacks where {result.qtype} cannot encode a tensor's rows. "
                   f"Text {header['text']['name']} (sha256 {header['text']['sha256'][:12]}…), {header['windows']}; "
                   f"{result.seconds:.0f} s")
+
+
+def expert_usage_report(console: Console, usage: dict) -> None:
+    """Per MoE layer: how the router spread the measured tokens over the experts."""
+    table = Table(title=f"Router usage on the measured text ({usage['tokens']} tokens per layer, "
+                        f"{usage['k']} experts per token; % of tokens routed to an expert)")
+    for col in ("layer", "busiest", "least used", "unused experts", "busiest's share"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, fractions in enumerate(usage["fraction"]):
+        hi = max(range(len(fractions)), key=fractions.__getitem__)
+        lo = min(range(len(fractions)), key=fractions.__getitem__)
+        table.add_row(str(i), f"{hi}: {100 * fractions[hi]:.1f}%", f"{lo}: {100 * fractions[lo]:.1f}%",
+                      str(sum(f == 0 for f in fractions)), f"{100 * usage['top_share'][i]:.1f}%")
+    console.print(table)
 
 
 def plan_report(console: Console, r) -> None:

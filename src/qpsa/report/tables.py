@@ -37,6 +37,7 @@ def model_report(console: Console, r: ModelReport) -> None:
         ("embedding size", r.n_embd), ("FFN size", r.n_ff), ("vocabulary", r.vocab_size),
         ("context length", r.context_length),
         ("weights", f"{r.n_weights:,} at {r.bits_per_weight:.3f} bits per weight"),
+        *((("experts", _experts_line(r.experts)),) if r.experts else ()),
     ):
         summary.add_row(label, str(value))
     console.print(summary)
@@ -57,6 +58,15 @@ def model_report(console: Console, r: ModelReport) -> None:
         layers.add_row(str(lt.layer), str(lt.n_tensors), f"{lt.n_weights:,}", f"{lt.bytes:,}",
                        f"{lt.bits_per_weight:.3f}", types)
     console.print(layers)
+
+
+def _experts_line(e: dict) -> str:
+    """Expert counts and sizes in one line: per layer, one expert's weights and bytes."""
+    sizes = sorted({(p["weights"], p["bytes"], "/".join(dict.fromkeys(p["types"]))) for p in e["per_expert"]})
+    one = "; ".join(f"{w:,} weights, {_bytes(b)} ({t})" for w, b, t in sizes[:3]) + ("; …" if len(sizes) > 3 else "")
+    return (f"{e['count']} per layer in {e['layers']} layers, {e['used']} used per token, width "
+            f"{e['feed_forward_length']}; one expert: {one}; experts hold {e['share_of_weights']:.0%} of the weights; "
+            f"{e['active_weights_per_token']:,} weights active per token")
 
 
 def perplexity_report(console: Console, r: PerplexityResult, engine: dict | None = None) -> None:

@@ -5,7 +5,7 @@ name in `qpsa.scores.registry`; a higher score means a more important layer. Exa
 uncertainties mean, are in docs/scores.md:
 
 * `layer_ablation`   ΔPPL when the layer is skipped (the residual stream passes through unchanged)
-* `weight_norm`      Frobenius norm of the layer's seven weight matrices together
+* `weight_norm`      Frobenius norm of the layer's weight matrices together
 * `random`           a seeded random permutation (the floor every method must beat)
 * `block_influence`  ShortGPT's BI = 1 − mean cos(h_in, h_out) (Men et al. 2024)
 * `angular_distance` mean arccos(cos(h_i, h_{i+n}))/π (Gromov et al. 2024)
@@ -30,6 +30,7 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.model.config import ModelConfig
 from qpsa.model.load import LoadedModel
+from qpsa.model.moe import DENSE_FUSED, DENSE_MATRICES, fused_matrices, layer_matrices
 from qpsa.progress import SILENT, Advance, Progress, no_progress
 from qpsa.scores.base import EvalTokens, LayerScores, LayerStates, ScoreSettings, ppl_of, token_nll
 from qpsa.scores.registry import find_method, method_names
@@ -38,10 +39,11 @@ from qpsa.stats import mean_se
 if TYPE_CHECKING:
     from qpsa.scores.results import ScoreRun
 
-# The seven weight matrices of a layer, as named in GGUF files (blk.{i}.{name}.weight).
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-# The fused tensors the forward actually multiplies by (the per-name entries are views of them).
-FUSED = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
+# The weight matrices of a dense layer, as named in GGUF files (blk.{i}.{name}.weight), and the
+# fused tensors the forward actually multiplies by (the per-name entries are views of them); an
+# MoE layer has the router and its stacked experts instead (`qpsa.model.moe.layer_matrices`).
+MATRICES = DENSE_MATRICES
+FUSED = DENSE_FUSED
 FISHER_GROUPS = 8  # contiguous token groups for the fisher jackknife
 ABLATION_BATCH_BYTES = 1 << 30  # activation memory one batch of layer ablations may use
 # Most ablations run side by side in one batch. On a 2-core CPU a layer costs 25 ms per element at
@@ -83,7 +85,7 @@ def clear_cache() -> None:
 def _layer_macs(config: ModelConfig, n_tokens: int) -> float:
     c = config
     per_token = c.n_embd * (c.n_head + 2 * c.n_head_kv) * c.head_dim + c.n_head * c.head_dim * c.n_embd
-    per_token += 3 * c.n_embd * c.n_ff
+    per_token += 3 * c.n_embd * c.active_ff + c.n_embd * c.n_expert
     per_token += 2 * c.n_head * c.head_dim * n_tokens / 2  # causal attention, on average
     return per_token * n_tokens
 
@@ -125,7 +127,7 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
     base = states.base_nll.double()  # (N,)
     n = base.numel()
     head = head_units(cfg, T)
-    per_element = T * 4 * (6 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim + 4 * cfg.n_ff)
+    per_element = T * 4 * (6 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim + 4 * cfg.active_ff)
     chunk = max(1, min(L, ABLATION_MAX_BATCH, ABLATION_BATCH_BYTES // per_element))
     nll = torch.empty(L, n, dtype=torch.float64)
     with torch.inference_mode():
@@ -157,20 +159,22 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
 
 def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                 advance: Advance = no_progress) -> LayerScores:
-    """score_i = sqrt(Σ over the seven dequantized matrices of Σ w²): one Frobenius norm of them all."""
+    """score_i = sqrt(Σ over the dequantized matrices of Σ w²): one Frobenius norm of them all (an MoE
+    layer's: the router and every expert)."""
     start = time.perf_counter()
     w = loaded.model.weights
-    scores, per_matrix = [], {m: [] for m in MATRICES}
+    matrices = layer_matrices(loaded.config)
+    scores, per_matrix = [], {m: [] for m in matrices}
     for i in range(loaded.config.n_layer):
         total = 0.0
-        for m in MATRICES:
+        for m in matrices:
             sq = float(w[f"blk.{i}.{m}.weight"].double().square().sum())
             per_matrix[m].append(math.sqrt(sq))
             total += sq
         scores.append(math.sqrt(total))
         advance(steps=1)
     return LayerScores("weight_norm", scores, [None] * len(scores),
-                       "Frobenius norm of the 7 dequantized weight matrices together", time.perf_counter() - start,
+                       f"Frobenius norm of the {len(matrices)} dequantized weight matrices together", time.perf_counter() - start,
                        {"per_matrix": per_matrix})
 
 
@@ -253,7 +257,8 @@ def _fisher_units(config: ModelConfig, n_tokens: int) -> list[int]:
 
 def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
            advance: Advance = no_progress) -> LayerScores:
-    """score_i = Σ over the layer's seven matrices, over every weight w, of (g_w · step_w)².
+    """score_i = Σ over the layer's matrices (an MoE layer's router and every expert's), over every
+    weight w, of (g_w · step_w)².
 
     g = ∂(Σ of the N scored tokens' NLL)/∂w at the model's weights, step_w the weight's
     quantization grid step (signed, squared away). Uncertainty: delete-one-group jackknife over
@@ -265,7 +270,8 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
     K, bounds, prefixes = _fisher_plan(T)
     units = _fisher_units(cfg, T)
     n = T - 1
-    names = [f"blk.{i}.{f}.weight" for i in range(L) for f in FUSED]
+    matrices = layer_matrices(cfg)
+    names = [f"blk.{i}.{f}.weight" for i in range(L) for f in fused_matrices(cfg)]
     params = [model.weights[nm] for nm in names]
     was = [p.requires_grad for p in params]
 
@@ -287,14 +293,14 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
         # groups' g·s (the last group's is then u minus that sum)
         mats = {}
         for i in range(L):
-            for m in MATRICES:
+            for m in matrices:
                 name = f"blk.{i}.{m}.weight"
                 fused, row = model.fused_rows(i, m)
-                rows = model.weights[name].shape[0]
+                rows = model.weights[name].shape[-2]  # an expert tensor's rows within each expert
                 rec = loaded.file.tensors[name]
                 _, s = rec.grid().decode(rec.blocks)
                 s = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32).reshape(rec.shape))
-                u = full[f"blk.{i}.{fused}.weight"][row : row + rows] * s
+                u = full[f"blk.{i}.{fused}.weight"].narrow(-2, row, rows) * s
                 mats[(i, m)] = {"fused": f"blk.{i}.{fused}.weight", "row": row, "rows": rows, "step": s, "u": u,
                                 "A": float(u.square().sum(dtype=torch.float64)), "B": [], "C": [],
                                 "sum": torch.zeros_like(u)}
@@ -306,7 +312,7 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                 if g is None:
                     v = d["u"] - d["sum"]
                 else:
-                    v = g[d["fused"]][d["row"] : d["row"] + d["rows"]] * d["step"]
+                    v = g[d["fused"]].narrow(-2, d["row"], d["rows"]) * d["step"]
                     d["sum"] += v
                 d["B"].append(float((d["u"] * v).sum(dtype=torch.float64)))
                 d["C"].append(float(v.square().sum(dtype=torch.float64)))
@@ -317,17 +323,17 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
 
     sizes = [bounds[k + 1] - bounds[k] for k in range(K)]
     scores, unc = [], []
-    per_matrix = {m: [] for m in MATRICES}
+    per_matrix = {m: [] for m in matrices}
     for i in range(L):
-        for m in MATRICES:
+        for m in matrices:
             per_matrix[m].append(mats[(i, m)]["A"])
-        scores.append(sum(mats[(i, m)]["A"] for m in MATRICES))
+        scores.append(sum(mats[(i, m)]["A"] for m in matrices))
         if K < 2:
             unc.append(None)
             continue
         # jackknife of θ = Σ (ḡ·s)², ḡ the mean gradient per scored token, so S = N²·θ; leaving
         # group k out, Σ ((G − g_k)·s)² = A − 2·B_k + C_k over N − N_k tokens
-        theta = np.array([sum(mats[(i, m)]["A"] - 2 * mats[(i, m)]["B"][k] + mats[(i, m)]["C"][k] for m in MATRICES)
+        theta = np.array([sum(mats[(i, m)]["A"] - 2 * mats[(i, m)]["B"][k] + mats[(i, m)]["C"][k] for m in matrices)
                           / (n - sizes[k]) ** 2 for k in range(K)])
         unc.append(float(n**2 * math.sqrt((K - 1) / K * np.square(theta - theta.mean()).sum())))
     details = {"per_matrix": per_matrix, "groups": K, "group_tokens": sizes,

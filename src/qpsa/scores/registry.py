@@ -33,7 +33,7 @@ METHODS: dict[str, ScoreMethod] = {m.name: m for m in (
     ScoreMethod("layer_ablation", "qpsa.scores.baselines:layer_ablation", "baseline",
                 "ΔPPL when the layer is skipped"),
     ScoreMethod("weight_norm", "qpsa.scores.baselines:weight_norm", "baseline",
-                "Frobenius norm of the layer's seven weight matrices"),
+                "Frobenius norm of the layer's weight matrices (seven; an MoE layer's router and experts)"),
     ScoreMethod("random", "qpsa.scores.baselines:random_scores", "baseline",
                 "a seeded random permutation (the floor every method must beat)"),
     ScoreMethod("block_influence", "qpsa.scores.baselines:block_influence", "baseline",

@@ -33,6 +33,10 @@ def sensitivity_sections(r: Result, prefix: str) -> list[tuple[str, str]]:
         heat = tensor_heatmap(rows, f"KLD per layer and tensor at {d['type']}")
         if heat:
             charts_html.append(heat)
+    if d["granularity"] == "expert":
+        charts_html.append(expert_heatmap(rows, d["type"]))
+    if d.get("expert_usage"):
+        charts_html.append(usage_heatmap(d["expert_usage"]))
     trows = [[cell(r["group"]["name"], i), cell(_types(r)), cell(f"{size(r['bytes_before'])} → {size(r['bytes'])}",
                                                                  r["bytes"]),
               value_cell(r["kld"], r["kld_se"], what="mean KLD, nats per token"), value_cell(r["kld_p99"]),
@@ -62,6 +66,30 @@ def tensor_heatmap(rows: list[dict], title: str) -> str | None:
             for i in layers]
     return charts.heatmap(title, [str(i) for i in layers], kinds, values, tips, "KLD (nats/token), log scale",
                           cmap="magma_r", log=True, row_label="layer", col_label="tensor")
+
+
+def expert_heatmap(rows: list[dict], qtype: str) -> str:
+    """Layers down, experts across: the KLD of each expert requantized alone."""
+    cells = {(r["group"]["first_layer"], r["group"]["expert"]): r for r in rows}
+    layers = sorted({k[0] for k in cells})
+    experts = sorted({k[1] for k in cells})
+    values = [[cells[(i, e)]["kld"] if (i, e) in cells else None for e in experts] for i in layers]
+    tips = [[_row_tip(cells[(i, e)]) if (i, e) in cells else f"layer {i}, expert {e}: not measured" for e in experts]
+            for i in layers]
+    return charts.heatmap(f"KLD of each expert alone at {qtype}", [str(i) for i in layers], [str(e) for e in experts],
+                          values, tips, "KLD (nats/token), log scale", cmap="magma_r", log=True, row_label="layer",
+                          col_label="expert")
+
+
+def usage_heatmap(usage: dict) -> str:
+    """Layers down, experts across: the share of the measured tokens the router sent to each expert."""
+    fractions = usage["fraction"]
+    tips = [[f"layer {i}, expert {e}: {100 * f:.2f}% of {usage['tokens']} tokens" for e, f in enumerate(row)]
+            for i, row in enumerate(fractions)]
+    return charts.heatmap(f"Router usage: share of tokens routed to each expert ({usage['k']} per token)",
+                          [str(i) for i in range(len(fractions))], [str(e) for e in range(len(fractions[0]))],
+                          [[100 * f for f in row] for row in fractions], tips, "% of tokens", cmap="viridis",
+                          log=False, row_label="layer", col_label="expert")
 
 
 def plan_sections(r: Result, prefix: str) -> list[tuple[str, str]]:

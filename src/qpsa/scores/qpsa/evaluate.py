@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from qpsa.model.moe import EXPERT_MATRICES
 from qpsa.scores.base import LayerStates
 from qpsa.scores.qpsa.moves import Move
 from qpsa.scores.qpsa.settings import DEFAULT_BATCH
@@ -56,16 +57,43 @@ class Evaluator:
         model, L = self.model, self.model.config.n_layer
         dev = self.tokens.device
         parts: dict[str, tuple[list, list, list, list]] = {}  # fused weight -> batch, row, column, δ
+        expert_parts: dict[str, tuple[list, ...]] = {}  # fused expert weight -> batch, expert, row, column, δ
         for b, mv in enumerate(moves):
             for name, m in ([] if mv is None else [(matrix, mv)] if isinstance(mv, Move) else mv):
                 if len(m.rows) == 0:
                     continue
                 fused, offset = model.fused_rows(layer, name)
+                if name in EXPERT_MATRICES:  # Move rows run over expert × rows per expert
+                    per = model.weights[f"blk.{layer}.{name}.weight"].shape[-2]
+                    got = expert_parts.setdefault(fused, ([], [], [], [], []))
+                    for dest, v in zip(got, (np.full(len(m.rows), b), m.rows // per, m.rows % per + offset, m.cols,
+                                             m.delta)):
+                        dest.append(v)
+                    continue
                 b_idx, rows, cols, deltas = parts.setdefault(fused, ([], [], [], []))
                 b_idx.append(np.full(len(m.rows), b))
                 rows.append(m.rows + offset)
                 cols.append(m.cols)
                 deltas.append(m.delta)
+        if expert_parts:
+            T = self.tokens.shape[1]
+            echanges = {fused: [torch.from_numpy(np.concatenate(v)).to(dev) for v in got]
+                        for fused, got in expert_parts.items()}
+            for got in echanges.values():
+                got[4] = got[4].to(model.dtype)
+
+            def expert_hook(i, name, e, token_rows, x, y):
+                if i != layer or name not in echanges:
+                    return y
+                bi, ei, oi, ci, dv = echanges[name]
+                sel = torch.nonzero(ei == e)[:, 0]
+                if len(sel) == 0:
+                    return y
+                mine = (token_rows // T)[:, None] == bi[sel][None, :]  # (n, E'): the token is in that element
+                contrib = x[:, ci[sel]] * dv[sel] * mine  # δ·x[..., j] for each changed W[e, o, j]
+                return y.index_add_(1, oi[sel], contrib)
+
+            model.expert_hook = expert_hook
         if parts:
             t_idx = torch.arange(self.tokens.shape[1], device=dev)
             changes = {
@@ -91,7 +119,7 @@ class Evaluator:
                     nll = chunked_nll(model, h[b : b + 1], self.tokens)
                     res[b] = float((nll - self.base_nll).mean())
         finally:
-            model.linear_hook = None
+            model.linear_hook = model.expert_hook = None
         self.n_directions += len(moves)
         self.n_layer_passes += len(moves) * (L - layer) / L
         return res
@@ -99,10 +127,10 @@ class Evaluator:
 
 def other_precision(model) -> torch.nn.Module:
     """A copy of `model` in the other float precision (float32 <-> float64), for the noise floor."""
-    from qpsa.model.transformer import Transformer
+    from qpsa.model.transformer import Transformer, is_fused
 
     other = torch.float64 if model.dtype == torch.float32 else torch.float32
     w = model.weights
-    weights = {k: v for k, v in w.items() if "_qkv." not in k and "_gate_up." not in k
+    weights = {k: v for k, v in w.items() if not is_fused(k)
                and not (k == "output.weight" and v is w.get("token_embd.weight"))}
     return Transformer(model.config, weights, dtype=other)

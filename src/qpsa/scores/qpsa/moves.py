@@ -9,7 +9,7 @@ import numpy as np
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.quants import dequantize
-from qpsa.scores.qpsa.settings import LAYER, MATRICES, STREAMS, QpsaSettings
+from qpsa.scores.qpsa.settings import LAYER, MATRIX_IDS, STREAMS, QpsaSettings
 
 # ---- perturbations ----------------------------------------------------------------------------
 
@@ -21,7 +21,7 @@ class Move:
     blocks: np.ndarray  # indices of the changed blocks (U,)
     old: np.ndarray  # their bytes before (U, type_size)
     new: np.ndarray  # and after
-    rows: np.ndarray  # changed weights: row (E,) int64
+    rows: np.ndarray  # changed weights: row (E,) int64 (of an expert tensor: expert · rows per expert + row)
     cols: np.ndarray  # column (E,) int64
     delta: np.ndarray  # new value − old value (E,) float64, from the exact dequantizer
 
@@ -70,7 +70,7 @@ def move_byte(tensor, offset: int, step: int) -> Move:
 
 
 def sample_rng(seed: int, layer: int, matrix: str, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, layer, MATRICES.index(matrix), STREAMS[stream]])
+    return np.random.default_rng([seed, layer, MATRIX_IDS[matrix], STREAMS[stream]])
 
 
 @dataclass
@@ -102,8 +102,8 @@ def _tensor_of(file, layer: int, matrix: str):
     if name not in file.tensors:
         raise QpsaError(f"{file.path}: tensor {name} is missing")
     t = file.tensors[name]
-    if len(t.shape) != 2:
-        raise QpsaError(f"{file.path}: tensor {name} has shape {t.shape}, expected a matrix")
+    if len(t.shape) not in (2, 3):
+        raise QpsaError(f"{file.path}: tensor {name} has shape {t.shape}, expected a matrix or stacked experts")
     return t
 
 
@@ -211,11 +211,11 @@ def plan_matrix(file, settings: QpsaSettings, layer: int, matrix: str) -> Matrix
 def plan_layer(file, settings: QpsaSettings, layer: int) -> MatrixPlan:
     """Layer-scope probes: probe k moves, together, the k-th probe's N units of *every* matrix of the
     layer (the same units and signs as `plan_matrix`'s probe k of each matrix), so one pair of
-    directions estimates the mean per-unit value over the layer's 7·N moved units.
+    directions estimates the mean per-unit value over the layer's (7 or 8)·N moved units.
 
     The plan's `matrix` is LAYER, `n_units` the layer's total, `n_sampled` the units moved per
     probe, `index` one {matrix: units} per probe, and each direction a list of (matrix, Move)."""
-    samplers = {m: _Sampler(file, settings, layer, m) for m in MATRICES}
+    samplers = {m: _Sampler(file, settings, layer, m) for m in settings.matrices}
     plan = MatrixPlan(layer, LAYER, sum(sm.n_units for sm in samplers.values()), [], [], [], [], 0, 0, 0)
     for k in range(settings.probes):
         draws = {m: sm.probe() for m, sm in samplers.items()}

@@ -24,7 +24,8 @@ Definitions (the full derivation and the rules at the grid's ends are in docs/qp
   `probe_scope="layer"` (the default) one probe moves the N units of *each* of the layer's 7
   matrices together (7N units) and estimates the layer score directly, 7× cheaper per probe;
   "matrix" probes each matrix on its own and gives the per-matrix breakdown.
-* Layer score ("score"): the mean over the layer's 7 matrices of the per-matrix mean value
+* Layer score ("score"): the mean over the layer's 7 matrices (an MoE layer's 8: attention, the
+  router ffn_gate_inp and the stacked ffn_{gate,up,down}_exps) of the per-matrix mean value
   (equal weight per matrix, since sampling is stratified), se by propagation. Everything else
   (per-matrix means, ΔNLL versions, first-order magnitudes, weight-count-weighted totals,
   noise floor, skips) is detail.
@@ -37,6 +38,7 @@ weights themselves are never copied.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -46,11 +48,12 @@ from dataclasses import dataclass, field
 import torch
 
 from qpsa.errors import QpsaError
+from qpsa.model.moe import layer_matrices
 from qpsa.progress import Advance, no_progress
 from qpsa.scores.base import EvalTokens, LayerScores
 from qpsa.scores.qpsa.evaluate import Evaluator
 from qpsa.scores.qpsa.moves import plan_unit
-from qpsa.scores.qpsa.settings import MATRICES, QpsaSettings
+from qpsa.scores.qpsa.settings import QpsaSettings
 from qpsa.scores.qpsa.summary import evaluate_plan, layer_summary, matrix_summary, measure_floor
 
 # ---- the whole run ----------------------------------------------------------------------------
@@ -74,7 +77,7 @@ def score_unit_text(settings: QpsaSettings) -> str:
     what = {"weight": "weight's code moved ±1 step", "block": "block's codes moved ±1 with random signs",
             "byte": "raw byte moved ±1"}[settings.unit]
     how = f"{settings.estimator} estimator" + (f", {settings.probe_scope}-scope probes" if settings.estimator == "probe" else "")
-    return (f"Q-PSA: mean ½(ΔPPL(+)+ΔPPL(−)) per {what}, averaged over the layer's {len(MATRICES)} matrices "
+    return (f"Q-PSA: mean ½(ΔPPL(+)+ΔPPL(−)) per {what}, averaged over the layer's {len(settings.matrices)} matrices "
             f"({how})")
 
 
@@ -109,6 +112,7 @@ def score_qpsa(
     start = time.perf_counter()
     model, file = loaded.model, loaded.file
     L = loaded.config.n_layer
+    settings = dataclasses.replace(settings, matrices=layer_matrices(loaded.config))
     layers = list(range(L)) if layers is None else list(layers)
     if model.dtype != settings.dtype:
         raise QpsaError(f"the model is in {model.dtype} but the settings ask for {settings.resolved_precision}")
@@ -167,12 +171,13 @@ def qpsa_layer_scores(loaded, tokens: EvalTokens, settings: QpsaSettings, advanc
     return score_qpsa(loaded, tokens, settings, layers=layers, advance=advance, noise_floor=noise_floor).scores
 
 _SCORE_TEXT = {
-    "matrix": "score = mean over the layer's 7 matrices of the per-matrix mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per "
+    "matrix": "score = mean over the layer's matrices (7; an MoE layer's 8: attention, router, the 3 stacked expert "
+              "tensors) of the per-matrix mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per "
               "unit moved; uncertainty = its standard error (propagated). Details: per_matrix means (ΔPPL and ΔNLL), "
               "first-order ½|ΔNLL(+)−ΔNLL(−)|, and total_nll = Σ n_units·mean ΔNLL (the predicted NLL change if every "
               "unit of the layer moved one step with random signs, to second order).",
     "layer": "score = mean Q-PSA value ½(ΔPPL(+)+ΔPPL(−)) per unit moved, from layer-scope probes that each move N "
-             "units of every one of the layer's 7 matrices together (so the matrices weigh equally); uncertainty = "
+             "units of every one of the layer's matrices together (so the matrices weigh equally); uncertainty = "
              "the standard error over the probes. Details: the ΔNLL version and the first-order magnitude; no "
              "per-matrix breakdown or total (use --probe-scope matrix).",
 }
@@ -201,7 +206,7 @@ def build_scores(done: dict[str, dict], layers: list[int], n_layer: int, setting
     details = {
         "score": _SCORE_TEXT["layer" if settings.layer_probes else "matrix"],
         **settings.to_dict(), "probes": settings.probes if settings.estimator == "probe" else None,
-        "matrices": list(MATRICES), "layers": list(layers),
+        "matrices": list(settings.matrices), "layers": list(layers),
         "base": {"ppl": base_ppl, "nll": base_nll},
         "noise_floor": floor,
         "n_samples": n_samples,

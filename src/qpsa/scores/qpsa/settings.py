@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qpsa.errors import QpsaError
+from qpsa.model.moe import ALL_MATRICES, DENSE_MATRICES
 
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MATRICES = DENSE_MATRICES  # a dense layer's; an MoE layer's are qpsa.model.moe.MOE_MATRICES
+# each matrix's number in the sample streams' seeds (the dense ones first, so their draws never change)
+MATRIX_IDS = {m: k for k, m in enumerate(ALL_MATRICES)}
 UNITS = ("weight", "block", "byte")
 ESTIMATORS = ("exact", "probe")
 PROBE_SCOPES = ("layer", "matrix")
@@ -39,6 +42,8 @@ class QpsaSettings:
     precision: str | None = None  # None: float64 for exact, float32 for probe
     batch_size: int = DEFAULT_BATCH
     probe_scope: str = "layer"
+    # the layer's matrices: set from the model by score_qpsa (`qpsa.model.moe.layer_matrices`)
+    matrices: tuple[str, ...] = field(default=MATRICES, compare=False)
 
     def __post_init__(self):
         def whole(name, v, low):
@@ -89,4 +94,4 @@ class QpsaSettings:
     @property
     def units_of_layer(self) -> tuple[str, ...]:
         """The checkpoint units of one layer: its matrices, or the whole layer for layer-scope probes."""
-        return (LAYER,) if self.layer_probes else MATRICES
+        return (LAYER,) if self.layer_probes else self.matrices
