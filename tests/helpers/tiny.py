@@ -11,7 +11,7 @@ tokenizer:
 * llama, qwen2: a `gpt2` byte-level BPE vocabulary (3 control tokens, GPT-2's 256 byte symbols,
   then tokens merged by `TINY_MERGES`), `tokenizer.ggml.pre` "smollm" / "qwen2".
 * gemma3: a `llama` (sentencepiece) vocabulary: `<pad> <eos> <bos> <unk> <mask>`, `<0x00>`..`<0xFF>`,
-  single characters and some `▁` pieces with scores; add_bos_token True.
+  single characters and some `▁` pieces with scores; add_bos_token True, add_space_prefix False.
 
 Any other `arch` string (e.g. "falcon") gets llama's tensors and tokenizer under that name, for
 testing how unsupported architectures are refused.
@@ -186,6 +186,7 @@ def write_tiny_gguf(
         md["tokenizer.ggml.padding_token_id"] = (0, GGUFValueType.UINT32)
         md["tokenizer.ggml.add_bos_token"] = (True, GGUFValueType.BOOL)
         md["tokenizer.ggml.add_eos_token"] = (False, GGUFValueType.BOOL)
+        md["tokenizer.ggml.add_space_prefix"] = (False, GGUFValueType.BOOL)  # as Gemma's files say
     else:
         tokens, types, merges = bpe_vocab()
         md["tokenizer.ggml.model"] = ("gpt2", GGUFValueType.STRING)
