@@ -24,7 +24,8 @@ quantizer for them.
 
 `**overrides` replace metadata: a key "general.*" or "tokenizer.*" is taken whole, any other is
 prefixed with "{arch}." (`context_length=64`, `**{"attention.sliding_window": 4}`); the value
-None removes the key.
+None removes the key; a `gguf.gguf_writer.GGUFValue` is written with its type (`GGUFValue(5,
+GGUFValueType.UINT32)`; an array: `GGUFValue(ids, GGUFValueType.ARRAY, GGUFValueType.INT32)`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import GGUFValue
 from gguf.quants import quantize
 
 ARCHS = ("llama", "qwen2", "gemma3")
@@ -226,6 +228,8 @@ def write_tiny_gguf(
         full = key if key.split(".")[0] in ("general", "tokenizer") else f"{arch}.{key}"
         if value is None:
             md.pop(full, None)
+        elif isinstance(value, GGUFValue):  # a value with its GGUF type (for arrays: the element type)
+            md[full] = (value.value, value.sub_type or value.type)
         else:
             md[full] = (value, None)
 

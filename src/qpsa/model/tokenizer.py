@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
@@ -68,6 +69,8 @@ class Tokenizer:
     _matched: list[int] = field(init=False, repr=False)
     _pieces: list[bytes] | None = field(default=None, init=False, repr=False)
     _ranks: dict[tuple[str, str], int] | None = field(default=None, init=False, repr=False)
+    _spm_cuts: re.Pattern | None = field(default=None, init=False, repr=False)
+    _memo: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)  # word -> ids
 
     def __post_init__(self):
         self._matched = self.vocab.matched_in_text()
@@ -96,7 +99,7 @@ class Tokenizer:
         return self.vocab.tokens[i]
 
     def token_id(self, text: str) -> int | None:
-        """The id of the token spelled `text` (the last one, where the vocabulary repeats a text)."""
+        """The id of the token spelled `text`, or None."""
         return self.vocab.ids.get(text)
 
     # -- encoding ---------------------------------------------------------------------------------
@@ -158,9 +161,26 @@ class Tokenizer:
         if self.vocab.spm:
             if self.vocab.add_space_prefix:
                 text = " " + text
-            return self._spm_merge(text.replace(" ", "▁"))
-        words = [w for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(text)]
-        return [i for w in words for i in self._bpe_merge(w)]
+            words = self._spm_words().split(text.replace(" ", "▁"))
+            merge = self._spm_merge
+        else:
+            words = [w for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(text)]
+            merge = self._bpe_merge
+        memo = self._memo
+        out = []
+        for w in words:
+            if (ids := memo.get(w)) is None:
+                ids = memo[w] = merge(w)
+            out.extend(ids)
+        return out
+
+    def _spm_words(self) -> re.Pattern:
+        """Where llama.cpp's SPM merges can never cross: before a `▁` that follows a character c
+        such that no token holds "c▁" (each side then merges alone, in the same order)."""
+        if self._spm_cuts is None:
+            joined = {t[i - 1] for t in self.vocab.tokens for i in range(1, len(t)) if t[i] == "▁"}
+            self._spm_cuts = re.compile(f"(?<=[^{re.escape(''.join(sorted(joined | {'▁'})))}])(?=▁)")
+        return self._spm_cuts
 
     def _spm_merge(self, text: str) -> list[int]:
         """llama.cpp's llm_tokenizer_spm_session::tokenize."""
@@ -288,7 +308,7 @@ def load_tokenizer(metadata: dict, sha256: str) -> Tokenizer:
         write_atomic(cached, json.dumps({"version": _CACHE_VERSION, "exact": entry[1], "backend": entry[0].to_str()}))
     backend, exact = entry
     if not exact:
-        log.warning("this vocabulary needs llama.cpp's algorithm in Python (slower): %s", cached.name)
+        log.info("tokenizing with the Python copy of llama.cpp's algorithm (%s)", cached.name)
     return Tokenizer(vocab, backend, exact)
 
 
@@ -322,18 +342,45 @@ def build_backend(vocab: Vocab) -> tuple[FastTokenizer, bool]:
 def _spm_merges(vocab: Vocab) -> tuple[list[tuple[str, str]], bool]:
     """Merges that make llama.cpp's SPM algorithm a BPE: every split of a token into two tokens,
     ranked by the token's score (highest first; equal scores by token id, then split point).
-    Not exact when a token can also be made from a character that is not a token (a space never
-    can: llama.cpp's SPM sees only `▁`)."""
+    Tokens that never occur inside a piece get none: those with a space (the pieces have `▁`
+    instead) and user-defined tokens without `▁` (cut out of the text before). Not exact when a
+    token can also be made from a character that is not a token, or where ties matter."""
     ids, scores = vocab.ids, vocab.scores
+    cut_out = set(vocab.matched_in_text())
     ranked = []
     exact = True
     for text, tid in ids.items():
+        if " " in text or (tid in cut_out and "▁" not in text):
+            continue  # never inside a piece, so no merge makes it
         for cut in range(1, len(text)):
             a, b = text[:cut], text[cut:]
             in_a, in_b = a in ids, b in ids
             if in_a and in_b:
                 ranked.append((-scores[tid], tid, cut, a, b))
-            elif (in_a or len(a) == 1) and (in_b or len(b) == 1) and " " not in text:
+            elif (in_a or len(a) == 1) and (in_b or len(b) == 1):
                 exact = False  # llama.cpp can merge through a character outside the vocabulary
     ranked.sort(key=lambda m: m[:3])
-    return [(a, b) for *_, a, b in ranked], exact
+    return [(a, b) for *_, a, b in ranked], exact and _ties_are_harmless(ranked, ids)
+
+
+def _ties_are_harmless(ranked, ids) -> bool:
+    """Whether ranking merges of equal score statically gives llama.cpp's order. llama.cpp takes
+    merges of equal score leftmost first; the static ranks agree with that unless two different
+    merges of one score can touch ([a][b][c]: a+b and b+c), or a merge's result can take part in
+    a merge of at least its score (then which one went first decides what follows)."""
+    best_use: dict[str, float] = {}  # a token -> the highest score of a merge it is a part of
+    groups: dict[float, set[tuple[str, str]]] = {}
+    for neg_score, _, _, a, b in ranked:
+        for part in (a, b):
+            best_use[part] = max(best_use.get(part, -neg_score), -neg_score)
+        groups.setdefault(neg_score, set()).add((a, b))
+    for neg_score, pairs in groups.items():
+        if len(pairs) < 2:
+            continue
+        lefts: dict[str, set[tuple[str, str]]] = {}
+        for pair in pairs:
+            lefts.setdefault(pair[0], set()).add(pair)
+        for pair in pairs:
+            if lefts.get(pair[1], set()) - {pair} or best_use.get(pair[0] + pair[1], -float("inf")) >= -neg_score:
+                return False
+    return True

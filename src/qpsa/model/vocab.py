@@ -7,7 +7,7 @@ add_space_prefix flags, with llama.cpp's defaults where a key is absent:
 | `tokenizer.ggml.model` | llama.cpp type | bos, eos, unk (defaults) | add_bos | add_space_prefix |
 |---|---|---|---|---|
 | `llama` | SPM (sentencepiece) | 1, 2, 0 | yes | yes |
-| `gpt2` | BPE (byte-level) | 11, 11, none | no | no |
+| `gpt2` | BPE (byte-level) | 11, 11, none | no (llama-bpe: yes) | no |
 
 A token's type says how tokenization treats it (`TokenType`): CONTROL and UNKNOWN tokens are
 never matched in plain text, USER_DEFINED tokens are cut out of the text before the model's own
@@ -61,12 +61,14 @@ _DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 class PreTokenizer:
     regexes: tuple[str, ...]
     ignore_merges: bool = False  # a piece that is itself a token is that token, whatever the merges say
+    add_bos: bool = False  # llama.cpp's default where tokenizer.ggml.add_bos_token is absent
 
 
-_LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True)
+_LLAMA3_PRE = PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "default": PreTokenizer(_DEFAULT),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano"),
                     _LLAMA3_PRE),
     **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((_LLAMA3,))),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
@@ -116,7 +118,7 @@ class Vocab:
 
     model: str  # "llama" (SPM) or "gpt2" (byte-level BPE)
     pre: str  # tokenizer.ggml.pre, "default" when absent
-    tokens: list[str]  # by id; an empty token is llama.cpp's "[EMPTY_<id>]"
+    tokens: list[str]  # by id, each text once; an empty token is llama.cpp's "[EMPTY_<id>]"
     scores: list[float]
     attrs: list[int]  # llama.cpp's token attributes (bit set), after its rules by text
     merges: list[tuple[str, str]]  # BPE merges, first occurrence of each pair, in rank order
@@ -127,7 +129,7 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
-    ids: dict[str, int] = field(repr=False)  # token text -> id; where a text repeats, the last id (as llama.cpp)
+    ids: dict[str, int] = field(repr=False)  # token text -> id
 
     @property
     def spm(self) -> bool:
@@ -166,6 +168,9 @@ def read_vocab(metadata: dict) -> Vocab:
         raise QpsaError(f"tokenizer.ggml.scores or token_type has fewer entries than the {n} tokens")
     attrs = [NORMAL] * n if types is None else [_ATTR_OF_TYPE.get(t, UNDEFINED) for t in types[:n]]
     ids = {t: i for i, t in enumerate(tokens)}
+    if len(ids) < n:  # llama.cpp asserts that every text is one token
+        twice = next(t for i, t in enumerate(tokens) if ids[t] != i)
+        raise QpsaError(f"the vocabulary holds the token {twice!r} twice (llama.cpp refuses it too)")
 
     merges: list[tuple[str, str]] = []
     if not spm:
@@ -236,6 +241,6 @@ def read_vocab(metadata: dict) -> Vocab:
     return Vocab(
         model=model, pre=pre, tokens=tokens, scores=scores, attrs=attrs, merges=merges,
         bos_id=special["bos"], eos_id=special["eos"], unk_id=special["unk"], eot_id=eot,
-        add_bos=flag("add_bos_token", spm), add_eos=flag("add_eos_token", False),
+        add_bos=flag("add_bos_token", spm or PRE_TOKENIZERS[pre].add_bos), add_eos=flag("add_eos_token", False),
         add_space_prefix=flag("add_space_prefix", spm), ids=ids,
     )
