@@ -317,7 +317,8 @@ def build_backend(vocab: Vocab) -> tuple[FastTokenizer, bool]:
     token_ids = vocab.ids
     if vocab.spm:
         merges, exact = _spm_merges(vocab)
-        model = models.BPE(vocab=dict(token_ids), merges=merges, byte_fallback=True)
+        # (where the Python copy runs, the backend only looks tokens up: no merges to store and load)
+        model = models.BPE(vocab=dict(token_ids), merges=merges if exact else [], byte_fallback=True)
         backend = FastTokenizer(model)
         steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
         backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
