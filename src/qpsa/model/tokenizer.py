@@ -19,11 +19,13 @@ llama-perplexity tokenizes its text:
 3. BOS (and EOS) only where asked: `encode(text, bos=tok.add_bos)` is llama.cpp's add_special.
 
 Step 2 runs in the `tokenizers` library (a BPE model whose merges are the SPM scores' order, or
-the file's merges; a Split pre-tokenizer per regex) wherever that is provably the same algorithm
-— every merge llama.cpp can make is a merge of two tokens into a token. Otherwise (a vocabulary
-whose tokens are made from characters that are not tokens, or whose merges make non-tokens) a
-pure-Python copy of llama.cpp's algorithm runs instead: the same ids, slower. The built engine is
-cached as JSON under the q-psa cache, keyed by the file's sha256 (and `_CACHE_VERSION`).
+the file's merges; a Split pre-tokenizer per regex) wherever that is provably the same algorithm:
+every merge llama.cpp can make is a merge of two tokens into a token, and merges of equal score
+never compete. Otherwise (tokens made from characters that are not tokens, merges that make
+non-tokens, equal-score merges that can overlap — Gemma 3's vocabulary has those) a pure-Python
+copy of llama.cpp's algorithm runs instead, word by word with a memo: the same ids, slower. The
+built engine is cached as JSON under the q-psa cache, keyed by the file's sha256 and
+`_CACHE_VERSION`.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ class Tokenizer:
         """Token ids of `text` as plain text, with BOS first / EOS last where asked (and defined)."""
         pieces = self._partition(text)
         texts = [p for p in pieces if isinstance(p, str)]
-        if self.exact_backend:
+        if self.exact_backend and len(texts) == 1:
+            encoded = iter([self.backend.encode(texts[0], add_special_tokens=False).ids])
+        elif self.exact_backend:
             encoded = iter(e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False))
         else:
             encoded = iter(map(self._encode_python, texts))
@@ -167,6 +171,8 @@ class Tokenizer:
             words = [w for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(text)]
             merge = self._bpe_merge
         memo = self._memo
+        if len(memo) > 500_000:  # a bound on the memory it keeps
+            memo.clear()
         out = []
         for w in words:
             if (ids := memo.get(w)) is None:

@@ -118,18 +118,18 @@ class Vocab:
 
     model: str  # "llama" (SPM) or "gpt2" (byte-level BPE)
     pre: str  # tokenizer.ggml.pre, "default" when absent
-    tokens: list[str]  # by id, each text once; an empty token is llama.cpp's "[EMPTY_<id>]"
-    scores: list[float]
-    attrs: list[int]  # llama.cpp's token attributes (bit set), after its rules by text
-    merges: list[tuple[str, str]]  # BPE merges, first occurrence of each pair, in rank order
-    bos_id: int | None
-    eos_id: int | None
-    unk_id: int | None
-    eot_id: int | None
-    add_bos: bool
-    add_eos: bool
-    add_space_prefix: bool
-    ids: dict[str, int] = field(repr=False)  # token text -> id
+    tokens: list[str] = field(repr=False)  # by id, each text once; an empty token is llama.cpp's "[EMPTY_<id>]"
+    scores: list[float] = field(repr=False)
+    attrs: list[int] = field(repr=False)  # llama.cpp's token attributes (bit set), after its rules by text
+    merges: list[tuple[str, str]] = field(repr=False)  # BPE merges, first occurrence of each pair, in rank order
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    eot_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    add_space_prefix: bool = False
+    ids: dict[str, int] = field(default_factory=dict, repr=False)  # token text -> id
 
     @property
     def spm(self) -> bool:
