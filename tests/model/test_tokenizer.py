@@ -260,7 +260,8 @@ def train_bpe(n_merges=260, added=("Ġzebra", "Ġelephant")):
 BPE_FUZZ = FUZZ_PIECES + ["zebra", " zebra", "elephant", "12345", "HELLO", "World", "\u3000", "x = y", "()"]
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2", "default", "qwen35", "stablelm2"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2", "default", "qwen35", "stablelm2", "tekken",
+                                 "falcon", "deepseek-coder"])
 def test_bpe_pre_tokenizers_match_llama_cpp(tmp_path, llama_cpp, pre):
     tokens, types, merges = train_bpe()
     path = write_vocab_model(tmp_path / "bpe.gguf", tokens, types, model="gpt2", merges=merges, pre=pre,
@@ -268,9 +269,9 @@ def test_bpe_pre_tokenizers_match_llama_cpp(tmp_path, llama_cpp, pre):
     tok = check_against_llama_cpp(path, TEXTS + fuzz_texts(BPE_FUZZ, seed=1))
     assert tok.vocab_size == len(tokens)
     assert tok.exact_backend
-    assert tok.add_bos == (pre == "llama-bpe")  # llama.cpp's default where add_bos_token is absent
+    assert tok.add_bos == (pre in ("llama-bpe", "tekken"))  # llama.cpp's default where add_bos_token is absent
     zebra = tok.encode(" zebra")
-    assert (zebra == [tok.token_id("Ġzebra")]) == (pre == "llama-bpe")  # ignore_merges
+    assert (zebra == [tok.token_id("Ġzebra")]) == (pre in ("llama-bpe", "tekken"))  # ignore_merges
     assert tok.token_id("<tool_call>") in tok.encode("a<tool_call>b")
     for lookalike in ("<|im_end|>", "<|fim_prefix|>", "<|endoftext|>"):
         assert tok.token_id(lookalike) not in tok.encode(f"a{lookalike}b")
@@ -295,7 +296,7 @@ def test_bpe_merges_that_make_no_token(tmp_path, llama_cpp):
 @pytest.mark.parametrize("key, value, named", [
     ("tokenizer.ggml.model", "bert", "bert"),
     ("tokenizer.ggml.model", "t5", "t5"),
-    ("tokenizer.ggml.pre", "tekken", "tekken"),
+    ("tokenizer.ggml.pre", "deepseek-v3", "deepseek-v3"),
     ("tokenizer.ggml.pre", "no-such-pre", "no-such-pre"),
 ])
 def test_unsupported_tokenizers_are_refused_in_one_line(tmp_path, key, value, named):
@@ -387,6 +388,7 @@ slow = pytest.mark.slow
     pytest.param("llama-bpe", marks=slow), pytest.param("qwen2", marks=slow), pytest.param("qwen35", marks=slow),
     pytest.param("starcoder", marks=slow), pytest.param("refact", marks=slow), pytest.param("command-r", marks=slow),
     pytest.param("mpt", marks=slow), pytest.param("gpt-neox", marks=slow),  # gpt-neox: no pre key ("default")
+    pytest.param("falcon", marks=slow), pytest.param("deepseek-coder", marks=slow),
 ])
 def test_llama_cpp_vocab_files_match_llama_cpp(name, llama_cpp, wikitext):
     path = vocab_file(name)
@@ -400,8 +402,7 @@ def test_llama_cpp_vocab_files_match_llama_cpp(name, llama_cpp, wikitext):
         assert tok.encode(text, bos=tok.add_bos, eos=tok.add_eos) == tokenize(text), text[:80]
 
 
-@pytest.mark.parametrize("name, named", [("falcon", "falcon"), ("deepseek-llm", "deepseek-llm"), ("bert-bge", "bert"),
-                                         ("gemma-4", "gemma4")])
+@pytest.mark.parametrize("name, named", [("deepseek-llm", "deepseek-llm"), ("bert-bge", "bert"), ("gemma-4", "gemma4")])
 def test_llama_cpp_vocab_files_not_supported_are_named(name, named):
     f = open_gguf(vocab_file(name))
     with pytest.raises(QpsaError, match=named):
