@@ -206,9 +206,9 @@ def read_vocab(metadata: dict) -> Vocab:
     def make_control(i):
         attrs[i] |= CONTROL
 
-    for text, i in ids.items():
-        if text in _EOG_NAMES:
-            make_control(i)
+    for name in _EOG_NAMES:
+        if name in ids:
+            make_control(ids[name])
     if eot is None:
         eot = next((ids[t] for t in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                                      "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
@@ -222,7 +222,7 @@ def read_vocab(metadata: dict) -> Vocab:
     for name in _ALWAYS_USER_DEFINED:
         if name in ids:
             attrs[ids[name]] = USER_DEFINED
-    eog = {t for t in ids if t in _EOG_NAMES}
+    eog = {t for t in _EOG_NAMES if t in ids}
     if "<|end|>" in eog and (("<|return|>" in eog and "<|call|>" in eog) or
                              ({"<|call|>", "<|calls|>"} & eog and "<|flush|>" in eog)):
         attrs[ids["<|end|>"]] = USER_DEFINED  # gpt-oss, solar-open: "<|end|>" is not the end
