@@ -11,7 +11,7 @@ tokenizer:
 * llama, qwen2, qwen3moe: a `gpt2` byte-level BPE vocabulary (3 control tokens, GPT-2's 256 byte symbols,
   then tokens merged by `TINY_MERGES`), `tokenizer.ggml.pre` "smollm" / "qwen2".
 * gemma3: a `llama` (sentencepiece) vocabulary: `<pad> <eos> <bos> <unk> <mask>`, `<0x00>`..`<0xFF>`,
-  single characters and some `▁` pieces with scores; add_bos_token True.
+  single characters and some `▁` pieces with scores; add_bos_token True, add_space_prefix False.
 
 qwen3moe (Qwen3's mixture of experts): per-head q/k norms, a router `ffn_gate_inp` (F32, as llama-quantize
 leaves it) and `n_expert` experts of width `n_ff_exp` stacked in 3-D tensors `ffn_{gate,up,down}_exps`,
@@ -29,7 +29,8 @@ quantizer for them.
 
 `**overrides` replace metadata: a key "general.*" or "tokenizer.*" is taken whole, any other is
 prefixed with "{arch}." (`context_length=64`, `**{"attention.sliding_window": 4}`); the value
-None removes the key.
+None removes the key; a `gguf.gguf_writer.GGUFValue` is written with its type (`GGUFValue(5,
+GGUFValueType.UINT32)`; an array: `GGUFValue(ids, GGUFValueType.ARRAY, GGUFValueType.INT32)`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import GGUFValue
 from gguf.quants import quantize
 
 ARCHS = ("llama", "qwen2", "gemma3", "qwen3moe")
@@ -197,6 +199,7 @@ def write_tiny_gguf(
         md["tokenizer.ggml.padding_token_id"] = (0, GGUFValueType.UINT32)
         md["tokenizer.ggml.add_bos_token"] = (True, GGUFValueType.BOOL)
         md["tokenizer.ggml.add_eos_token"] = (False, GGUFValueType.BOOL)
+        md["tokenizer.ggml.add_space_prefix"] = (False, GGUFValueType.BOOL)  # as Gemma's files say
     else:
         tokens, types, merges = bpe_vocab()
         md["tokenizer.ggml.model"] = ("gpt2", GGUFValueType.STRING)
@@ -242,6 +245,8 @@ def write_tiny_gguf(
         full = key if key.split(".")[0] in ("general", "tokenizer") else f"{arch}.{key}"
         if value is None:
             md.pop(full, None)
+        elif isinstance(value, GGUFValue):  # a value with its GGUF type (for arrays: the element type)
+            md[full] = (value.value, value.sub_type or value.type)
         else:
             md[full] = (value, None)
 
