@@ -68,7 +68,7 @@ def make_windows(
             raise QpsaError(f"--ctx {ctx} exceeds the model's context length {context_length}")
         if chunks is not None and chunks <= 0:
             raise QpsaError(f"--chunks must be positive (got {chunks})")
-    ids = tokenizer.encode(text, bos=tokenizer.add_bos)
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos, eos=tokenizer.add_eos)  # as llama.cpp adds special tokens
     if max_tokens is not None:
         if len(ids) < max_tokens:
             raise QpsaError(f"the text has {len(ids)} tokens, fewer than --max-tokens {max_tokens}")
