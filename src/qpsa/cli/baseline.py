@@ -20,7 +20,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    RayAddressOpt,
+    TextOpt,
+    WorkersOpt,
+    check_text_choice,
+    model_stem,
+    open_workers,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 from qpsa.scores.registry import find_method, method_names
 
@@ -66,6 +78,7 @@ def baseline(
     dataset: DatasetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV is written beside it); "
                                                     "default baseline-MODEL.json here")] = None,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Baseline layer-importance scores (ablation, weight norm, random, ShortGPT block influence,
@@ -80,6 +93,7 @@ def baseline(
     check_text_choice(text, dataset)
     path = results_path(out, f"baseline-{model_stem(model)}.json", resolve_model(model))
 
+    executor = open_workers(workers, ray_address, model)
     from qpsa.model.load import load_model
     from qpsa.report.progress import ConsoleProgress
     from qpsa.scores.base import ScoreSettings, eval_tokens
@@ -102,7 +116,7 @@ def baseline(
         console = Console()
         run_header(console, loaded, eval_text, f"first {tokens.tokens.shape[1]} tokens, {tokens.n_scored} scored")
 
-    run = run_baselines(loaded, tokens, names, settings, ConsoleProgress(quiet=as_json))
+    run = run_baselines(loaded, tokens, names, settings, ConsoleProgress(quiet=as_json), executor)
     run.save(path)
     with warnings.catch_warnings():  # constant scores give NaN correlations, reported as such
         warnings.simplefilter("ignore")

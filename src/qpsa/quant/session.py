@@ -40,6 +40,7 @@ class MeasurementSession:
         self.windows = _span(windows, 0, chunks)
         self.held_out = _span(windows, chunks, 2 * chunks) if held_out else None
         self._ref = None
+        self.executor = None  # where the groups run (qpsa.parallel; None: this process)
         self.measured = {}  # statistics by (group, exact types), shared across types
 
     def header(self) -> dict:
@@ -60,6 +61,7 @@ class MeasurementSession:
         return self.out / f"sensitivity-{qtype.name}-{granularity}.json"
 
     def sensitivity(self, qtype, granularity: str, resume: bool):
+        from qpsa.parallel import LocalExecutor
         from qpsa.quant.sensitivity import quant_groups, row_from_dict, run_sensitivity
         groups = quant_groups(self.loaded, granularity)
         path = self.checkpoint(qtype, granularity)
@@ -92,8 +94,11 @@ class MeasurementSession:
                 checkpoint(row)
                 advance(f"{row.group.name}: KLD {row.stats.kld:.2e}")
 
-            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix)
+            executor = self.executor or LocalExecutor(self.loaded)
+            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix,
+                                     executor)
         result.granularity = granularity
+        result.execution = executor.describe()
         return result
 
 
