@@ -67,3 +67,12 @@ class UnitLog:
             w["busy_seconds"] = round(w["busy_seconds"], 6)
             w["units_per_second"] = w["units"] / wall if wall > 0 else None
         return out
+
+
+def no_setup(loaded, args) -> None:
+    """A job's setup that prepares nothing (overhead benchmarks: bench/workers_scale.py)."""
+
+
+def echo(state, unit):
+    """A unit that computes nothing and returns its input: what remains is the executor's own cost."""
+    return unit
