@@ -235,3 +235,33 @@ def test_node_without_the_file_or_another_file(cluster, files, tmp_path):
         RayExecutor(files["wide"], sha, 1)
     with pytest.raises(QpsaError, match="need 4 CPUs; the Ray cluster has 2"):
         RayExecutor(files["six"], sha, 4)
+
+
+def test_baseline_resumes_its_ablation_batches(cluster, files, capsys, tmp_path, monkeypatch):
+    """A baseline run interrupted after its first ablation batch keeps it in <out>.ckpt; --resume on
+    workers computes only the other batch, and the scores equal an uninterrupted run's."""
+    import qpsa.scores.baselines as baselines
+
+    args = ["baseline", files["six"], "--methods", "layer_ablation", "--text", files["text"], "--max-tokens", 64]
+    whole = _json(capsys, *args, "--out", tmp_path / "whole.json")["methods"]["layer_ablation"]
+    out = tmp_path / "b.json"
+    real, calls = baselines.ablate_layers, []
+
+    def ablate_then_die(state, unit):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(unit)
+        return real(state, unit)
+
+    monkeypatch.setattr(baselines, "ablate_layers", ablate_then_die)
+    code, _, err = cli(capsys, *args, "--out", out)
+    assert code == 130, err
+    monkeypatch.setattr(baselines, "ablate_layers", real)
+    saved = json.loads(Path(str(out) + ".ckpt").read_text())["units"]
+    assert list(saved) == ["0-3"]
+    code, _, err = cli(capsys, *args, "--out", out)  # without --resume: refused, the checkpoint kept
+    assert_user_error(code, err, "pass --resume")
+    resumed = _json(capsys, *args, "--out", out, "--resume", "--workers", 2)["methods"]["layer_ablation"]
+    assert list(resumed["details"]["execution"]["units"]) == ["4-5"]
+    assert resumed["scores"] == whole["scores"] and resumed["uncertainty"] == whole["uncertainty"]
+    assert not Path(str(out) + ".ckpt").exists()

@@ -156,7 +156,15 @@ class RayExecutor:
         self.actor_class = ray.remote(_Worker).options(num_cpus=threads, max_restarts=MAX_RESTARTS,
                                                        max_task_retries=0)
         self.path, self.sha256 = str(Path(model_path).resolve()), sha256
-        self.actors = [self.actor_class.remote(self.path, sha256, threads) for _ in range(workers)]
+        self.key = (ray.get_runtime_context().get_job_id(), self.path, sha256, threads)
+        parked = _PARKED.pop(self.key, [])
+        for other in list(_PARKED):  # warm workers of another model hold CPUs the new ones need
+            for a in _PARKED.pop(other):
+                _kill(ray, a)
+        self.actors = parked[:workers] + [self.actor_class.remote(self.path, sha256, threads)
+                                          for _ in range(workers - len(parked[:workers]))]
+        for a in parked[workers:]:
+            _kill(ray, a)
         try:
             self.info = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT)
         except Exception as e:  # an actor that cannot even start (a node without qpsa installed)
@@ -247,12 +255,16 @@ class RayExecutor:
                 "units": dict(self.log.units), "per_worker": self.log.per_worker()}
 
     def close(self) -> None:
-        for a in getattr(self, "actors", []):
-            try:
-                self.ray.kill(a, no_restart=True)
-            except Exception:  # already gone
-                pass
-        self.actors = []
+        """Shut the workers down, and the cluster if this executor started it. Workers of a cluster
+        that someone else started (a library caller's ray.init, the tests) are kept warm for the
+        next executor of the same model and threads in this Ray session."""
+        actors, self.actors = getattr(self, "actors", []), []
+        healthy = all(not i["error"] for i in getattr(self, "info", [{"error": "not started"}]))
+        if actors and healthy and not self.started_here and self.ray.is_initialized():
+            _PARKED.setdefault(self.key, []).extend(actors)
+            return
+        for a in actors:
+            _kill(self.ray, a)
         if self.started_here and self.ray.is_initialized():
             self.ray.shutdown()
             self.started_here = False
@@ -262,6 +274,16 @@ class RayExecutor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_PARKED: dict[tuple, list] = {}  # warm workers by (Ray job, model path, sha256, threads)
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
 
 
 def _lost_errors() -> tuple:

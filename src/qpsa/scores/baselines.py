@@ -23,6 +23,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -383,6 +384,11 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                        time.perf_counter() - start, details)
 
 
+def _save_unit(checkpoint, key: str, rows: torch.Tensor) -> None:
+    checkpoint.units[key] = rows.tolist()
+    checkpoint.save()
+
+
 def check_methods(names: list[str]) -> list[str]:
     """The names, deduplicated in order; QpsaError listing the known ones for an unknown name."""
     out = list(dict.fromkeys(find_method(name, "baseline").name for name in names))
@@ -392,10 +398,12 @@ def check_methods(names: list[str]) -> list[str]:
 
 
 def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], settings: ScoreSettings,
-                  progress: Progress = SILENT, executor=None) -> ScoreRun:
+                  progress: Progress = SILENT, executor=None, checkpoint=None) -> ScoreRun:
     """Base perplexity and every method in `names` on the same tokens, as one ScoreRun; a progress
     task for the shared forward pass, and one per method. `executor` (`qpsa.parallel`) runs the
-    layer ablation's batches; the other methods are one pass each and run here."""
+    layer ablation's batches; the other methods are one pass each and run here. `checkpoint` (an
+    `AblationCheckpoint`, already checked against this run) keeps every finished ablation batch
+    as it arrives, and its batches are not computed again."""
     from qpsa.scores.results import ScoreRun
 
     names = check_methods(names)
@@ -411,7 +419,12 @@ def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], set
     methods = {}
     for name in names:
         with progress.task(name, work_units(name, loaded.config, T)) as advance:
-            extra = {"executor": executor} if name == "layer_ablation" and executor is not None else {}
+            extra = {}
+            if name == "layer_ablation":
+                extra = {"executor": executor}
+                if checkpoint is not None:
+                    extra["done"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in checkpoint.units.items()}
+                    extra["on_unit"] = partial(_save_unit, checkpoint)
             methods[name] = find_method(name).compute()(loaded, tokens, settings, advance, **extra)
     model = loaded.describe()
     run_settings = {"methods": names, "max_tokens": settings.max_tokens, "seed": settings.seed,
