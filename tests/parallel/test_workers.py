@@ -265,3 +265,24 @@ def test_baseline_resumes_its_ablation_batches(cluster, files, capsys, tmp_path,
     assert list(resumed["details"]["execution"]["units"]) == ["4-5"]
     assert resumed["scores"] == whole["scores"] and resumed["uncertainty"] == whole["uncertainty"]
     assert not Path(str(out) + ".ckpt").exists()
+
+
+def test_study_same_numbers(cluster, files):
+    """The study's parts made of units (ablation batches, Q-PSA layers) on 2 workers: the same scores,
+    hence the same pruning and looping."""
+    from qpsa.experiments.study import StudyPlan, run_study
+    from qpsa.model.load import load_model
+    from qpsa.parallel.ray_workers import RayExecutor
+    from qpsa.sources.texts import resolve_text
+
+    loaded = load_model(str(files["six"]))
+    text = resolve_text(str(files["text"]), None)
+    plan = StudyPlan(max_tokens=64, samples_per_matrix=4, probes=2, convergence_n=(2,), prune_k=(1,), loop_k=(1,))
+    one = run_study(loaded, text, plan, log=lambda line: None)
+    with RayExecutor(files["six"], loaded.file.sha256, 2) as executor:
+        two = run_study(loaded, text, plan, log=lambda line: None, executor=executor)
+    for name in ("layer_ablation", "qpsa"):
+        assert two.scores.methods[name].scores == one.scores.methods[name].scores, name
+    assert [e.layers for e in two.prune.edits] == [e.layers for e in one.prune.edits]
+    assert two.convergence[0]["scores"] == one.convergence[0]["scores"]
+    assert two.execution["backend"] == "ray" and one.execution is None

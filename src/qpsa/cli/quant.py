@@ -220,6 +220,7 @@ def plan(
         check_output_path(output, session.loaded.path)
     result = make_plan(session, qtypes, target_bpw, granularity, resume,
                        measured=lambda r: write_sensitivity(session, r), target_preset=target_preset)
+    result.execution = None if executor is None else executor.describe()
     files = result.write(session.out, output, session.progress)
     files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:

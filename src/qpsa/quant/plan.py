@@ -78,6 +78,7 @@ class PlanResult:
     budget_bytes: int = 0  # all tensors' bytes allowed
     fallback: dict | None = None  # {"label", "kld", "plan_kld"} where a preset or uniform type beat the plan
     imatrix: dict | None = None  # {"path", "sha256"} of the importance matrix every candidate was weighted by
+    execution: dict | None = None  # where the candidates were measured (qpsa.parallel): backend, workers, units
     _gguf_file: object = None
     _imatrix: object = None
     _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
@@ -89,7 +90,7 @@ class PlanResult:
                 "presets": [p.to_dict() for p in self.presets], "frontier": self.frontier(),
                 "fallback": self.fallback, "groups": self.groups,
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
-                "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
+                "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds, "execution": self.execution}
 
     def frontier(self) -> list[str]:
         """Labels of the presets and uniform types on the Pareto frontier of (size, held-out KLD):
