@@ -82,8 +82,12 @@ def _without_timing(obj):
 def test_sensitivity_and_plan_same_numbers(cluster, files, capsys, tmp_path):
     args = [files["wide"], "--text", files["text"], "--ctx", 64, "--chunks", 1]
     one = _json(capsys, "sensitivity", *args, "--to", "q4_0", "--granularity", "tensor", "--out", tmp_path / "a")
-    two = _json(capsys, "sensitivity", *args, "--to", "q4_0", "--granularity", "tensor", "--out", tmp_path / "b",
-                "--workers", 2)
+    code, out, err = cli(capsys, "sensitivity", *args, "--to", "q4_0", "--granularity", "tensor", "--out",
+                         tmp_path / "b", "--workers", 2, "--json")
+    assert code == 0, err
+    two = json.loads(out)
+    per_worker = [line for line in err.splitlines() if line.startswith("worker ")]  # the final summary
+    assert len(per_worker) == 2 and all("units/s" in line for line in per_worker)
     assert [r["kld"] for r in two["rows"]] == [r["kld"] for r in one["rows"]]
     assert _without_timing(two["rows"]) == _without_timing(one["rows"])
     ex = two["execution"]
@@ -96,6 +100,8 @@ def test_sensitivity_and_plan_same_numbers(cluster, files, capsys, tmp_path):
     p2 = _json(capsys, *plan, "--out", tmp_path / "p2", "--workers", 2)
     assert _without_timing(p2["groups"]) == _without_timing(p1["groups"])
     assert p2["plan"]["kld"] == p1["plan"]["kld"] and p2["tensor_types"] == p1["tensor_types"]
+    assert p2["execution"]["backend"] == "ray" and p1["execution"] is None
+    assert json.loads((tmp_path / "p2" / "plan.json").read_text())["execution"]["workers"] == 2
 
 
 def test_score_and_baseline_same_numbers(cluster, files, local_score, capsys, tmp_path):

@@ -78,10 +78,10 @@ class PlanResult:
     budget_bytes: int = 0  # all tensors' bytes allowed
     fallback: dict | None = None  # {"label", "kld", "plan_kld"} where a preset or uniform type beat the plan
     imatrix: dict | None = None  # {"path", "sha256"} of the importance matrix every candidate was weighted by
-    execution: dict | None = None  # where the candidates were measured (qpsa.parallel): backend, workers, units
     _gguf_file: object = None
     _imatrix: object = None
     _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
+    execution: dict | None = None  # where the candidates were measured (qpsa.parallel): backend, workers, units
 
     def to_dict(self) -> dict:
         return {"target_bpw": self.target_bpw, "target_preset": self.target_preset, "budget_bytes": self.budget_bytes,
