@@ -10,7 +10,7 @@ QPSA := $(PYTHON) -m qpsa
 # torch first, pinned to its CPU build: a range that admits a newer torch would pull a multi-GB CUDA build.
 setup:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[models,test]'
+	$(PIP) install --quiet -e '.[models,test,cluster]' ray==2.60.0
 	@# headless Chromium for tests/report/test_browser.py; where it cannot be installed those tests skip
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
 		|| echo "chromium not installed: the browser tests (tests/report/test_browser.py) will skip"

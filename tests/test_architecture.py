@@ -23,7 +23,7 @@ LAYERS = [
     {"gguf"},
     {"sources", "reference"},
     {"model"},
-    {"eval"},
+    {"eval", "parallel"},
     {"scores"},
     {"edits", "quant"},
     {"experiments"},

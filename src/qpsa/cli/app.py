@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        from qpsa.cli.options import close_workers
+
+        close_workers()
     return result if isinstance(result, int) else 0
 
 

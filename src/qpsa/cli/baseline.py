@@ -20,7 +20,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    RayAddressOpt,
+    TextOpt,
+    WorkersOpt,
+    check_text_choice,
+    model_stem,
+    open_workers,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 from qpsa.scores.registry import find_method, method_names
 
@@ -66,6 +78,8 @@ def baseline(
     dataset: DatasetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV is written beside it); "
                                                     "default baseline-MODEL.json here")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the layer ablation from <out>.ckpt")] = False,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Baseline layer-importance scores (ablation, weight norm, random, ShortGPT block influence,
@@ -79,7 +93,16 @@ def baseline(
         raise QpsaError(f"--n must be at least 1 (got {n})")
     check_text_choice(text, dataset)
     path = results_path(out, f"baseline-{model_stem(model)}.json", resolve_model(model))
+    from qpsa.scores.checkpoint import AblationCheckpoint, checkpoint_path
 
+    ckpt_path, ckpt = checkpoint_path(path), None
+    if ckpt_path.exists() and "layer_ablation" in names:
+        if not resume:
+            raise QpsaError(f"{ckpt_path}: a checkpoint of an unfinished run exists; pass --resume to continue it "
+                            "or delete it to start over")
+        ckpt = AblationCheckpoint.load(ckpt_path)
+
+    executor = open_workers(workers, ray_address, model)
     from qpsa.model.load import load_model
     from qpsa.report.progress import ConsoleProgress
     from qpsa.scores.base import ScoreSettings, eval_tokens
@@ -93,6 +116,14 @@ def baseline(
     if n > loaded.config.n_layer:
         raise QpsaError(f"--n {n} exceeds the model's {loaded.config.n_layer} layers")
     settings = ScoreSettings(seed=seed, max_tokens=max_tokens, angular_n=n)
+    if "layer_ablation" in names:
+        import hashlib
+
+        header = {"model": loaded.file.sha256, "text": eval_text.sha256, "max_tokens": max_tokens,
+                  "tokens": hashlib.sha256(tokens.tokens.numpy().astype("<i8").tobytes()).hexdigest()}
+        if ckpt is None:
+            ckpt = AblationCheckpoint(ckpt_path, header)
+        ckpt.check_matches(header)
     console = None
     if not as_json:
         from rich.console import Console
@@ -102,8 +133,10 @@ def baseline(
         console = Console()
         run_header(console, loaded, eval_text, f"first {tokens.tokens.shape[1]} tokens, {tokens.n_scored} scored")
 
-    run = run_baselines(loaded, tokens, names, settings, ConsoleProgress(quiet=as_json))
+    run = run_baselines(loaded, tokens, names, settings, ConsoleProgress(quiet=as_json), executor, ckpt)
     run.save(path)
+    if ckpt is not None:
+        ckpt.delete()
     with warnings.catch_warnings():  # constant scores give NaN correlations, reported as such
         warnings.simplefilter("ignore")
         rows = rank_agreement(run.methods) if len(run.methods) > 1 else []

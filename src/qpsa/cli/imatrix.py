@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_positive, check_text_choice, console, print_json
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    RayAddressOpt,
+    TextOpt,
+    WorkersOpt,
+    check_positive,
+    check_text_choice,
+    console,
+    open_workers,
+    print_json,
+)
 from qpsa.errors import QpsaError
 
 
@@ -20,6 +32,7 @@ def imatrix(
     ctx: Annotated[int, typer.Option(help="window size in tokens (llama-imatrix's -c)")] = 512,
     chunks: Annotated[int | None, typer.Option(help="at most this many windows (default: every whole window)")] = None,
     show: Annotated[str | None, typer.Option(help="instead: read this imatrix (GGUF or .dat), check it against the model, show it")] = None,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Sum of squared input activations per column of every layer matrix, as llama-imatrix computes it."""
@@ -34,6 +47,7 @@ def imatrix(
     check_positive(ctx=ctx, chunks=chunks)
     check_text_choice(text, dataset)
     check_output_path(output, resolve_model(model))
+    executor = open_workers(workers, ray_address, model)
 
     from qpsa.eval.perplexity import make_windows
     from qpsa.model.load import load_model
@@ -51,11 +65,12 @@ def imatrix(
 
         run_header(screen, loaded, eval_text, f"{tokens.shape[0]} windows of {ctx} tokens, every position", layers=False)
     with ConsoleProgress(as_json).task("imatrix", tokens.shape[0]) as advance:
-        result = compute_imatrix(loaded.model, tokens, text or eval_text.name, advance)
+        result = compute_imatrix(loaded.model, tokens, text or eval_text.name, advance, executor=executor)
     result.write(output, loaded.config.arch)
     out = {"model": loaded.describe(), "text": eval_text.describe(), "ctx": ctx, "chunks": int(tokens.shape[0]),
            "output": str(output), "format": "dat" if str(output).lower().endswith(".dat") else "gguf",
-           "seconds": time.perf_counter() - start, "imatrix": result.summary()}
+           "seconds": time.perf_counter() - start, "imatrix": result.summary(),
+           "execution": None if executor is None else executor.describe()}
     if as_json:
         return print_json(out)
     from qpsa.report.quant_tables import imatrix_report

@@ -79,3 +79,45 @@ def results_folder(out: str | None, default: str) -> Path:
     if path.exists() and not path.is_dir():
         raise QpsaError(f"--out {path}: exists and is not a folder")
     return path
+
+
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="run the units on N Ray workers, one CPU thread each: a local cluster of N, or N workers of the "
+                      "cluster at --ray-address (needs pip install 'q-psa[cluster]'; docs/cluster.md)")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="join the Ray cluster at HOST:PORT (what `ray start --head` prints), or auto")]
+
+
+def open_workers(workers: int | None, ray_address: str | None, model: str):
+    """The executor of --workers/--ray-address (None: this process), started before any long work so
+    that a bad option, a missing Ray, a silent address or a node without the model file is one line.
+    It is released when the command ends (`close_workers`), with a line per worker (units,
+    throughput) on stderr."""
+    if workers is None and ray_address is None:
+        return None
+    if workers is not None and workers < 1:
+        raise QpsaError(f"--workers must be at least 1 (got {workers})")
+    from qpsa.gguf.read import open_gguf
+    from qpsa.parallel import open_executor
+    from qpsa.sources.catalog import resolve_model
+
+    path = resolve_model(model)
+    executor = open_executor(workers, ray_address, path, open_gguf(path).sha256)
+
+    def close():
+        summary = executor.describe()
+        executor.close()
+        for name, w in summary["per_worker"].items():
+            print(f"{name}: {w['units']} units, {w['busy_seconds']:.1f} s busy, "
+                  f"{w['units_per_second']:.3g} units/s", file=sys.stderr)
+
+    _CLOSE.append(close)
+    return executor
+
+
+_CLOSE: list = []  # releases the workers of the running command (qpsa.cli.app.main calls close_workers)
+
+
+def close_workers() -> None:
+    while _CLOSE:
+        _CLOSE.pop()()

@@ -12,10 +12,13 @@ from qpsa.cli.options import (
     DatasetOpt,
     JsonOpt,
     ModelArg,
+    RayAddressOpt,
     TextOpt,
+    WorkersOpt,
     check_positive,
     console,
     model_stem,
+    open_workers,
     print_json,
     results_folder,
 )
@@ -142,6 +145,7 @@ def sensitivity(
     out: Annotated[Optional[str], typer.Option(help="folder for the JSON, CSV and plot (default sensitivity-MODEL)")] = None,
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Requantize one layer (or tensor) at a time and measure the KL divergence and PPL change it causes."""
@@ -149,8 +153,10 @@ def sensitivity(
     from qpsa.report.quant_files import write_sensitivity
 
     qtype = qtype_named(to)
+    executor = open_workers(workers, ray_address, model)
     session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json,
                        imatrix=imatrix)
+    session.executor = executor
     result = session.sensitivity(qtype, granularity, resume)
     files = write_sensitivity(session, result)
     if as_json:
@@ -195,6 +201,7 @@ def plan(
         help="predict every option with this predictor (e.g. fisher_kl; see `q-psa predictors`) and measure only "
              "those the choice rests on")] = None,
     draws: DrawsOpt = 2,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out
@@ -217,13 +224,16 @@ def plan(
         target_preset = preset_named(target_preset).name
     elif not (0 < target_bpw < 64):
         raise QpsaError(f"--target-bpw must be between 0 and 64 bits per weight (got {target_bpw})")
+    executor = open_workers(workers, ray_address, model)
     session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True,
                        imatrix=imatrix)
+    session.executor = executor
     if output is not None:
         check_output_path(output, session.loaded.path)
     result = make_plan(session, qtypes, target_bpw, granularity, resume,
                        measured=lambda r: write_sensitivity(session, r), target_preset=target_preset,
                        estimator=estimator, draws=draws)
+    result.execution = None if executor is None else executor.describe()
     files = result.write(session.out, output, session.progress)
     files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:

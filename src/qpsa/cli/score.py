@@ -13,7 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    JsonOpt,
+    ModelArg,
+    RayAddressOpt,
+    TextOpt,
+    WorkersOpt,
+    check_text_choice,
+    model_stem,
+    open_workers,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 
 
@@ -39,6 +51,7 @@ def score(
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV goes beside it); default "
                                                     "score-<model>.json")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt")] = False,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ):
     """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
@@ -81,6 +94,7 @@ def score(
     if ckpt is not None:
         ckpt.check_matches(header)
 
+    executor = open_workers(workers, ray_address, model)
     import hashlib
 
     import torch
@@ -125,7 +139,8 @@ def score(
     from qpsa.report.progress import progress_bar
 
     with progress_bar(f"Q-PSA ({what})", todo, quiet=as_json) as advance:
-        result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, advance=advance, log=_note)
+        result = score_qpsa(loaded, tokens, settings, layer_list, checkpoint=ckpt, advance=advance, log=_note,
+                            executor=executor)
     run_info = result.scores.details["run"]
     _note(f"layers computed: {_ranges_or_none(run_info['computed_layers'])}; "
           f"fully resumed from the checkpoint: {_ranges_or_none(run_info['resumed_layers'])} "

@@ -9,7 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, ModelArg, TextOpt, console, model_stem, results_folder
+from qpsa.cli.options import (
+    DatasetOpt,
+    ModelArg,
+    RayAddressOpt,
+    TextOpt,
+    WorkersOpt,
+    console,
+    model_stem,
+    open_workers,
+    results_folder,
+)
 from qpsa.errors import QpsaError
 
 
@@ -20,6 +30,7 @@ def study(
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
+    workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
 ):
     """The original Q-PSA experiment in one command: all methods, pruning and looping tables, agreement, plots."""
     import dataclasses
@@ -35,11 +46,13 @@ def study(
     out_dir = results_folder(out, f"study-{model_stem(model)}")
     eval_text = resolve_text(text, dataset)
     plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
+    executor = open_workers(workers, ray_address, model)
     loaded = load_model(model)
     screen = console()
     screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")
-    result = run_study(loaded, eval_text, plan, ConsoleProgress(), log=lambda line: screen.print(line))
+    result = run_study(loaded, eval_text, plan, ConsoleProgress(), log=lambda line: screen.print(line),
+                       executor=executor)
     written = write_study(result, out_dir)
     from qpsa.report.tables import edit_report
 

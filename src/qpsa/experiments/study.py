@@ -58,12 +58,13 @@ class StudyResult:
     forward_seconds: float  # one full forward over the evaluation tokens
     cost: dict[str, dict] = field(default_factory=dict)  # method -> seconds, forward-pass equivalents
     seconds: float = 0.0
+    execution: dict | None = None  # where the units ran (qpsa.parallel): backend, workers, per-unit timings
 
     def to_dict(self) -> dict:
         return {"model": self.model, "plan": self.plan, "scores": self.scores.to_dict(),
                 "prune": self.prune.to_dict(), "loop": self.loop.to_dict(), "agreement": self.agreement,
                 "convergence": self.convergence, "forward_seconds": self.forward_seconds, "cost": self.cost,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "execution": self.execution}
 
 
 def forward_seconds(loaded: LoadedModel, tokens: torch.Tensor, repeats: int = 3) -> float:
@@ -79,9 +80,10 @@ def forward_seconds(loaded: LoadedModel, tokens: torch.Tensor, repeats: int = 3)
 
 
 def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, progress: Progress = SILENT,
-              log=print) -> StudyResult:
+              log=print, executor=None) -> StudyResult:
     """Every registered score method, Q-PSA's convergence, and pruning and looping on held-out
-    tokens; a progress task per method and per validation."""
+    tokens; a progress task per method and per validation. `executor` (`qpsa.parallel`) runs the
+    parts made of units (the layer ablation's batches, Q-PSA's layers); the rest runs here."""
     from scipy.stats import spearmanr
 
     from qpsa.scores.baselines import run_baselines
@@ -94,7 +96,8 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, progress: Pr
     unit = forward_seconds(loaded, tokens.tokens)
     log(f"one forward over {tokens.tokens.shape[1]} tokens: {unit:.3f} s (the cost unit)")
 
-    run = run_baselines(loaded, tokens, list(BASELINE_METHODS), ScoreSettings(plan.seed, plan.max_tokens), progress)
+    run = run_baselines(loaded, tokens, list(BASELINE_METHODS), ScoreSettings(plan.seed, plan.max_tokens), progress,
+                        executor)
     run.command = "study"
 
     qpsa_method = find_method("qpsa").compute()
@@ -103,7 +106,7 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, progress: Pr
         settings = QpsaSettings(samples_per_matrix=n, seed=plan.seed, max_tokens=plan.max_tokens,
                                 estimator="probe", probes=plan.probes, probe_scope="layer")
         with progress.task(f"qpsa N={n}", len(layers)) as advance:
-            return qpsa_method(loaded, tokens, settings, advance, layers=layers, noise_floor=False)
+            return qpsa_method(loaded, tokens, settings, advance, layers=layers, noise_floor=False, executor=executor)
 
     main = qpsa_at(plan.samples_per_matrix, list(range(n_layer)))
     run.methods["qpsa"] = main
@@ -139,4 +142,5 @@ def run_study(loaded: LoadedModel, text: EvalText, plan: StudyPlan, progress: Pr
     return StudyResult(
         model=loaded.describe(),
         plan=asdict(plan), scores=run, prune=prune, loop=loop, agreement=rank_agreement(run.methods),
-        convergence=convergence, forward_seconds=unit, cost=cost, seconds=time.perf_counter() - start)
+        convergence=convergence, forward_seconds=unit, cost=cost, seconds=time.perf_counter() - start,
+        execution=None if executor is None else executor.describe())

@@ -299,56 +299,44 @@ def collected_rows(n_windows: int, ctx: int, batch: int = LLAMA_BATCH, ubatch: i
 
 
 def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance = no_progress,
-                    batch_size: int = WINDOW_BATCH) -> Imatrix:
+                    batch_size: int = WINDOW_BATCH, executor=None) -> Imatrix:
     """The importance matrix of `model` (a `qpsa.model.transformer.Transformer`) over `windows`
     (N, ctx) token ids cut as `make_windows` cuts them; `advance()` after each window.
 
-    Sums are accumulated in float64 over the rows of `collected_rows` and stored as float32."""
+    Sums are accumulated in float64 over the rows of `collected_rows` and stored as float32. One
+    forward of `batch_size` windows is one unit, run by `executor` (`qpsa.parallel`; default this
+    process); the units' sums are added in window order whatever order they finish in, so the
+    result is the same bit for bit wherever they ran."""
+    from qpsa.parallel import Job, LocalExecutor
+
     n, ctx = windows.shape
     mask = collected_rows(n, ctx)
-    sum2: dict[str, torch.Tensor] = {}
-    sum1: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-    current: list[torch.Tensor] = []  # the mask of the windows in the forward now running
+    units = {f"windows {first}-{min(n, first + batch_size) - 1}":
+             (windows[first : first + batch_size], mask[first : first + batch_size])
+             for first in range(0, n, batch_size)}
+    order = list(units)
+    parts: dict[str, dict] = {}
+    sum2: dict[tuple[int, str], torch.Tensor] = {}
+    sum1: dict[tuple[int, str], torch.Tensor] = {}
+    count: dict[tuple[int, str], int] = {}
+    added = [0]  # units added to the sums so far, in order
 
-    def hook(layer: int, fused: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rows = x[current[0]]  # (R, in): the collected positions
-        key = (layer, fused)
-        s2 = rows.square().sum(0, dtype=torch.float64)
-        s1 = rows.sum(0, dtype=torch.float64)
-        if key in sum2:
-            sum2[key] += s2
-            sum1[key] += s1
-            count[key] += rows.shape[0]
-        else:
-            sum2[key], sum1[key], count[key] = s2, s1, rows.shape[0]
-        return y
+    def finished(key: str, part: dict) -> None:
+        parts[key] = part
+        while added[0] < len(order) and order[added[0]] in parts:  # add the finished prefix, in window order
+            for k, (s2, s1, c) in parts.pop(order[added[0]]).items():
+                if k in sum2:  # out of place: the parts are inference tensors
+                    sum2[k] = sum2[k] + s2
+                    sum1[k] = sum1[k] + s1
+                    count[k] = count[k] + c
+                else:
+                    sum2[k], sum1[k], count[k] = s2, s1, c
+            added[0] += 1
+        advance(steps=units[key][0].shape[0])
 
-    def expert_hook(layer: int, fused: str, e: int, token_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        # llama-imatrix adds every routed row of an indirect matmul (no 16-row minimum, no mask)
-        key = (layer, fused)
-        if key not in sum2:
-            shape = (model.config.n_expert, x.shape[-1])
-            sum2[key] = torch.zeros(shape, dtype=torch.float64)
-            sum1[key] = torch.zeros(shape, dtype=torch.float64)
-            count[key] = torch.zeros(shape[0], dtype=torch.int64)
-        sum2[key][e] += x.square().sum(0, dtype=torch.float64)
-        sum1[key][e] += x.sum(0, dtype=torch.float64)
-        count[key][e] += x.shape[0]
-        return y
-
-    previous, previous_expert = model.linear_hook, model.expert_hook
-    model.linear_hook, model.expert_hook = hook, expert_hook
-    try:
-        with torch.inference_mode():
-            positions = torch.arange(ctx)
-            for first in range(0, n, batch_size):
-                tokens = windows[first : first + batch_size]  # (B, T)
-                current[:] = [mask[first : first + batch_size]]
-                model.run_layers(model.embed(tokens), range(model.config.n_layer), positions)
-                advance(steps=tokens.shape[0])
-    finally:
-        model.linear_hook, model.expert_hook = previous, previous_expert
+    job = Job("qpsa.quant.imatrix:setup_imatrix", "qpsa.quant.imatrix:window_sums", None,
+              str(model.dtype).removeprefix("torch."), local_state=model)
+    (executor or LocalExecutor()).run(job, units, finished)
 
     in_sum2, in_sum, counts = {}, {}, {}
     for (layer, fused), s2 in sum2.items():
@@ -361,3 +349,46 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
                 counts[name] = np.array(c.numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
     top = max((int(c.max()) for c in counts.values()), default=0)
     return Imatrix(in_sum2, counts, [dataset], (top + ctx // 2) // ctx, ctx, in_sum)
+
+
+def setup_imatrix(loaded, args) -> object:
+    """A worker's state for `window_sums`: its model."""
+    return loaded.model
+
+
+def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """One unit of an importance matrix: (layer, fused matrix) -> (Σx², Σx float64, rows) over the
+    collected positions (`mask`, (B, T) bool) of one forward over the windows `tokens` (B, T)."""
+    tokens, mask = unit
+    sums: dict = {}
+
+    def hook(layer: int, fused: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = x[mask]  # (R, in): the collected positions
+        s2, s1, n = rows.square().sum(0, dtype=torch.float64), rows.sum(0, dtype=torch.float64), rows.shape[0]
+        if (layer, fused) in sums:
+            before = sums[(layer, fused)]
+            s2, s1, n = before[0] + s2, before[1] + s1, before[2] + n
+        sums[(layer, fused)] = (s2, s1, n)
+        return y
+
+    def expert_hook(layer: int, fused: str, e: int, token_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        # llama-imatrix adds every routed row of an indirect matmul (no 16-row minimum, no mask)
+        key = (layer, fused)
+        if key not in sums:
+            shape = (model.config.n_expert, x.shape[-1])
+            sums[key] = (torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
+                         torch.zeros(shape[0], dtype=torch.int64))
+        s2, s1, n = sums[key]
+        s2[e] += x.square().sum(0, dtype=torch.float64)
+        s1[e] += x.sum(0, dtype=torch.float64)
+        n[e] += x.shape[0]
+        return y
+
+    previous, previous_expert = model.linear_hook, model.expert_hook
+    model.linear_hook, model.expert_hook = hook, expert_hook
+    try:
+        with torch.inference_mode():
+            model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(tokens.shape[1]))
+    finally:
+        model.linear_hook, model.expert_hook = previous, previous_expert
+    return sums

@@ -84,6 +84,7 @@ class PlanResult:
     _imatrix: object = None
     _base: str | None = None  # the preset whose rules the recipe starts from (the fallback's, if a preset)
     expert_usage: dict | None = None  # an MoE model's router usage on the measured windows
+    execution: dict | None = None  # where the candidates were measured (qpsa.parallel): backend, workers, units
 
     def to_dict(self) -> dict:
         return {"target_bpw": self.target_bpw, "target_preset": self.target_preset, "budget_bytes": self.budget_bytes,
@@ -93,7 +94,7 @@ class PlanResult:
                 "fallback": self.fallback, "estimator": self.estimator, "groups": self.groups,
                 **({"expert_usage": self.expert_usage} if self.expert_usage is not None else {}),
                 "tensor_types": {c.name: c.target.name for c in self.choices if c.target != c.source},
-                "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds}
+                "llama_quantize": self.llama_quantize_args(), "seconds": self.seconds, "execution": self.execution}
 
     def frontier(self) -> list[str]:
         """Labels of the presets and uniform types on the Pareto frontier of (size, held-out KLD):

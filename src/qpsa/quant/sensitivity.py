@@ -244,10 +244,12 @@ class SensitivityResult:
     n_tokens: int = 0
     seconds: float = 0.0
     expert_usage: dict | None = None  # an MoE model's router usage on the measured windows (RouterUsage.to_dict)
+    execution: dict | None = None  # where the groups ran (qpsa.parallel): backend, workers, per-unit timings
 
     def to_dict(self) -> dict:
         d = {"type": self.qtype, "granularity": self.granularity, "ppl_base": self.ppl_base,
-             "n_tokens": self.n_tokens, "seconds": self.seconds, "rows": [r.to_dict() for r in self.rows]}
+             "n_tokens": self.n_tokens, "seconds": self.seconds, "execution": self.execution,
+             "rows": [r.to_dict() for r in self.rows]}
         if self.expert_usage is not None:
             d["expert_usage"] = self.expert_usage
         return d
@@ -256,38 +258,88 @@ class SensitivityResult:
 def run_sensitivity(
     loaded, ref: Reference, qtype: GGMLQuantizationType, groups: list[QuantGroup],
     done: dict[str, SensitivityRow] | None = None, on_row: Callable[[SensitivityRow], None] | None = None,
-    measured: dict | None = None, imatrix=None,
+    measured: dict | None = None, imatrix=None, executor=None,
 ) -> SensitivityResult:
     """Requantize each group alone to qtype and measure it against the reference; rows already in
-    `done` (by group name, from a checkpoint) are taken as they are. `on_row` sees each new row.
-    `measured` (shared across calls) remembers statistics by the exact types a group's tensors
-    got, so a type that falls back to one already measured (Q6_K -> Q8_0 on rows of 576) costs nothing.
-    With an `imatrix` (`qpsa.quant.imatrix.Imatrix`), every group is requantized with its weights."""
+    `done` (by group name, from a checkpoint) are taken as they are. `on_row` sees each new row as
+    it is finished. `measured` (shared across calls) remembers statistics by the exact types a
+    group's tensors got, so a type that falls back to one already measured (Q6_K -> Q8_0 on rows of
+    576) costs nothing. With an `imatrix` (`qpsa.quant.imatrix.Imatrix`), every group is
+    requantized with its weights. `executor` (`qpsa.parallel`; default: this process) runs the
+    groups, one unit each; the rows come back in group order whatever order they finish in."""
     import time
+
+    from qpsa.parallel import LocalExecutor
 
     start = time.perf_counter()
     result = SensitivityResult(qtype.name, "", ppl_base=ref.ppl, n_tokens=ref.nll.size,
                                expert_usage=getattr(ref, "expert_usage", None))
+    rows: dict[str, SensitivityRow] = {}
+    todo: dict[str, tuple[QuantGroup, GGMLQuantizationType]] = {}
+    by_name = {g.name: g for g in groups}
     for group in groups:
         if done and group.name in done:
-            result.rows.append(done[group.name])
+            rows[group.name] = done[group.name]
             continue
-        t = time.perf_counter()
-        key = (group.name, tuple(fitted_type(loaded.file.tensors[n].shape[-1], qtype) for n in group.tensors))
+        key = _measured_key(loaded, group, qtype)
         if measured is not None and key in measured:
             stats, info = measured[key]
-        else:
-            values, info = group_variant(loaded, group, qtype, imatrix)
-            stats = ref.measure(values, group.first_layer)
-            if measured is not None:
-                measured[key] = (stats, info)
-        row = SensitivityRow(group, qtype.name, info["bytes"], info["bytes_before"], info["types"], stats,
-                             time.perf_counter() - t)
-        result.rows.append(row)
+            rows[group.name] = row = SensitivityRow(group, qtype.name, info["bytes"], info["bytes_before"],
+                                                    info["types"], stats, 0.0)
+            if on_row:
+                on_row(row)
+            continue
+        todo[f"{qtype.name}/{group.name}"] = (group, qtype)
+
+    def finished(key: str, measured_group) -> None:
+        stats, info, seconds = measured_group
+        name = key.split("/", 1)[1]
+        group = by_name[name]
+        if measured is not None:
+            measured[_measured_key(loaded, group, qtype)] = (stats, info)
+        rows[name] = row = SensitivityRow(group, qtype.name, info["bytes"], info["bytes_before"], info["types"],
+                                          stats, seconds)
         if on_row:
             on_row(row)
+
+    (executor or LocalExecutor(loaded)).run(reference_job(loaded, ref, imatrix), todo, finished)
+    result.rows = [rows[g.name] for g in groups]
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _measured_key(loaded, group: QuantGroup, qtype: GGMLQuantizationType) -> tuple:
+    return group.name, tuple(fitted_type(loaded.file.tensors[n].shape[-1], qtype) for n in group.tensors)
+
+
+def reference_job(loaded, ref: Reference, imatrix=None):
+    """The `qpsa.parallel.Job` of measuring groups against `ref` (one per reference, so workers
+    build their reference once for every type a plan measures)."""
+    from qpsa.parallel import Job
+
+    job = getattr(ref, "_job", None)
+    if job is None:
+        job = Job("qpsa.quant.sensitivity:setup_reference", "qpsa.quant.sensitivity:measure_group",
+                  {"windows": ref.windows, "imatrix": imatrix}, str(ref.model.dtype).removeprefix("torch."),
+                  local_state=(loaded, ref, imatrix))
+        ref._job = job
+    return job
+
+
+def setup_reference(loaded, args: dict):
+    """A worker's state for `measure_group`: the model, its reference pass, the imatrix."""
+    return loaded, Reference(loaded.model, args["windows"]), args["imatrix"]
+
+
+def measure_group(state, unit) -> tuple[VariantStats, dict, float]:
+    """One unit of a sensitivity run: the group requantized to the type, measured against the reference."""
+    import time
+
+    loaded, ref, imatrix = state
+    group, qtype = unit
+    t = time.perf_counter()
+    values, info = group_variant(loaded, group, qtype, imatrix)
+    return ref.measure(values, group.first_layer), info, time.perf_counter() - t
 
 
 def row_from_dict(d: dict) -> SensitivityRow:

@@ -41,6 +41,7 @@ class MeasurementSession:
         self.held_out = _span(windows, chunks, 2 * chunks) if held_out else None
         self._ref = None
         self.reference_seconds = None  # the reference pass's wall time: one forward over the windows
+        self.executor = None  # where the groups run (qpsa.parallel; None: this process)
         self.measured = {}  # statistics by (group, exact types), shared across types
         self._rows = {}  # (type, granularity) -> {group: SensitivityRow} measured in this session
 
@@ -68,6 +69,7 @@ class MeasurementSession:
     def sensitivity(self, qtype, granularity: str, resume: bool, only: set[str] | None = None):
         """Every group requantized alone to qtype and measured; with `only`, just those groups (and
         the ones already measured in this session or, with `resume`, in the checkpoint)."""
+        from qpsa.parallel import LocalExecutor
         from qpsa.quant.sensitivity import quant_groups, row_from_dict, run_sensitivity
         groups = quant_groups(self.loaded, granularity)
         path = self.checkpoint(qtype, granularity)
@@ -103,9 +105,12 @@ class MeasurementSession:
                 checkpoint(row)
                 advance(f"{row.group.name}: KLD {row.stats.kld:.2e}")
 
-            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix)
+            executor = self.executor or LocalExecutor(self.loaded)
+            result = run_sensitivity(self.loaded, ref, qtype, groups, done, on_row, self.measured, self.imatrix,
+                                     executor)
         result.granularity = granularity
         self._rows[(qtype.name, granularity)] = {r.group.name: r for r in result.rows}
+        result.execution = executor.describe()
         return result
 
 

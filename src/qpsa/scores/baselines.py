@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,37 +114,49 @@ def work_units(name: str, config: ModelConfig, n_tokens: int) -> int:
 
 
 def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
-                   advance: Advance = no_progress) -> LayerScores:
+                   advance: Advance = no_progress, executor=None,
+                   on_unit: Callable[[str, torch.Tensor], None] | None = None,
+                   done: dict[str, torch.Tensor] | None = None) -> LayerScores:
     """score_i = PPL(all layers but i) − PPL(all layers), on the scored tokens.
 
     Skipping layer i feeds the cached states[i] straight into layer i+1. The ablations run as a
     staggered batch: walking k = a … L−1, the batch first goes through layer k, then the ablation
     of layer k joins it (as states[k], skipping k). Each ablation so costs exactly the L−1−i layers
     after it plus one output head, and the layer matmuls see B·T rows at once.
+
+    One batch of layers a … b−1 is one unit (`ablation_units`), run by `executor` (`qpsa.parallel`;
+    default this process): the batches are the same wherever they run, so the numbers are too.
+    `done` holds units already finished (by key, from a checkpoint); `on_unit(key, nll)` sees each
+    new one as it finishes.
     """
+    from qpsa.parallel import Job, LocalExecutor
+
     start = time.perf_counter()
     model, cfg = loaded.model, loaded.config
     L, T = cfg.n_layer, tokens.tokens.shape[1]
     states = layer_states(loaded, tokens)
     base = states.base_nll.double()  # (N,)
     n = base.numel()
-    head = head_units(cfg, T)
-    per_element = T * 4 * (6 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim + 4 * cfg.active_ff)
-    chunk = max(1, min(L, ABLATION_MAX_BATCH, ABLATION_BATCH_BYTES // per_element))
+    units, chunk = ablation_units(cfg, T)
     nll = torch.empty(L, n, dtype=torch.float64)
-    with torch.inference_mode():
-        for a in range(0, L, chunk):
-            b = min(L, a + chunk)
-            h = None
-            for k in range(a, L):
-                if h is not None:
-                    h = model.block(k, h, states.positions)
-                    advance(steps=h.shape[0])
-                if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
-                    h = states.states[k] if h is None else torch.cat([h, states.states[k]])
-            for j in range(b - a):  # element j is the ablation of layer a + j
-                nll[a + j] = token_nll(model, h[j : j + 1], tokens.tokens)[0].double()
-                advance(steps=head)
+    finished = dict(done or {})
+
+    def on_result(key: str, rows: torch.Tensor) -> None:
+        finished[key] = rows
+        if on_unit:
+            on_unit(key, rows)
+        a, b = units[key]
+        advance(f"layers {a}-{b - 1}", steps=ablation_steps(cfg, T, a, b))
+
+    for key, (a, b) in units.items():
+        if key in finished:
+            advance(steps=ablation_steps(cfg, T, a, b))
+    job = Job("qpsa.scores.baselines:setup_ablation", "qpsa.scores.baselines:ablate_layers",
+              {"tokens": tokens.tokens}, str(model.dtype).removeprefix("torch."), local_state=(model, states))
+    executor = executor or LocalExecutor(loaded)
+    executor.run(job, {k: u for k, u in units.items() if k not in finished}, on_result)
+    for key, (a, b) in units.items():
+        nll[a:b] = finished[key]
     base_ppl = ppl_of(base)
     delta = nll - base  # (L, N) paired per-token differences
     dnll = delta.mean(dim=1)
@@ -152,9 +166,42 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
     # delta method: ΔPPL = PPL_base·(exp(ΔNLL) − 1), d/dΔNLL = PPL_base·exp(ΔNLL) = PPL_ablated
     unc = [ppl[i] * float(se_dnll[i]) for i in range(L)]
     details = {"base_ppl": base_ppl, "ppl": ppl, "delta_nll": dnll.tolist(), "se_delta_nll": se_dnll.tolist(),
-               "batch": chunk}
+               "batch": chunk, "execution": executor.describe()}
     return LayerScores("layer_ablation", scores, unc, "ΔPPL when the layer is skipped",
                        time.perf_counter() - start, details)
+
+
+def ablation_units(cfg: ModelConfig, n_tokens: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """The ablation batches, {"a-b": (a, b + 1)} for layers a … b, and the batch size."""
+    L = cfg.n_layer
+    per_element = n_tokens * 4 * (6 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_head_kv) * cfg.head_dim + 4 * cfg.active_ff)
+    chunk = max(1, min(L, ABLATION_MAX_BATCH, ABLATION_BATCH_BYTES // per_element))
+    return {f"{a}-{min(L, a + chunk) - 1}": (a, min(L, a + chunk)) for a in range(0, L, chunk)}, chunk
+
+
+def ablation_steps(cfg: ModelConfig, n_tokens: int, a: int, b: int) -> int:
+    """Progress units of the batch a … b−1: the layers it runs, one per element, and its heads."""
+    return sum(min(k, b) - a for k in range(a + 1, cfg.n_layer)) + (b - a) * head_units(cfg, n_tokens)
+
+
+def setup_ablation(loaded: LoadedModel, args: dict):
+    """A worker's state for `ablate_layers`: the model and the hidden states entering every layer."""
+    return loaded.model, LayerStates(loaded.model, args["tokens"])
+
+
+def ablate_layers(state, unit: tuple[int, int]) -> torch.Tensor:
+    """One unit of layer ablation: the token NLLs (b − a, N) float64 with each of layers a … b−1 skipped."""
+    model, states = state
+    a, b = unit
+    L = model.config.n_layer
+    with torch.inference_mode():
+        h = None
+        for k in range(a, L):
+            if h is not None:
+                h = model.block(k, h, states.positions)
+            if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
+                h = states.states[k] if h is None else torch.cat([h, states.states[k]])
+        return torch.stack([token_nll(model, h[j : j + 1], states.tokens)[0].double() for j in range(b - a)])
 
 
 def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
@@ -343,6 +390,11 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
                        time.perf_counter() - start, details)
 
 
+def _save_unit(checkpoint, key: str, rows: torch.Tensor) -> None:
+    checkpoint.units[key] = rows.tolist()
+    checkpoint.save()
+
+
 def check_methods(names: list[str]) -> list[str]:
     """The names, deduplicated in order; QpsaError listing the known ones for an unknown name."""
     out = list(dict.fromkeys(find_method(name, "baseline").name for name in names))
@@ -352,9 +404,12 @@ def check_methods(names: list[str]) -> list[str]:
 
 
 def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], settings: ScoreSettings,
-                  progress: Progress = SILENT) -> ScoreRun:
+                  progress: Progress = SILENT, executor=None, checkpoint=None) -> ScoreRun:
     """Base perplexity and every method in `names` on the same tokens, as one ScoreRun; a progress
-    task for the shared forward pass, and one per method."""
+    task for the shared forward pass, and one per method. `executor` (`qpsa.parallel`) runs the
+    layer ablation's batches; the other methods are one pass each and run here. `checkpoint` (an
+    `AblationCheckpoint`, already checked against this run) keeps every finished ablation batch
+    as it arrives, and its batches are not computed again."""
     from qpsa.scores.results import ScoreRun
 
     names = check_methods(names)
@@ -370,7 +425,13 @@ def run_baselines(loaded: LoadedModel, tokens: EvalTokens, names: list[str], set
     methods = {}
     for name in names:
         with progress.task(name, work_units(name, loaded.config, T)) as advance:
-            methods[name] = find_method(name).compute()(loaded, tokens, settings, advance)
+            extra = {}
+            if name == "layer_ablation":
+                extra = {"executor": executor}
+                if checkpoint is not None:
+                    extra["done"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in checkpoint.units.items()}
+                    extra["on_unit"] = partial(_save_unit, checkpoint)
+            methods[name] = find_method(name).compute()(loaded, tokens, settings, advance, **extra)
     model = loaded.describe()
     run_settings = {"methods": names, "max_tokens": settings.max_tokens, "seed": settings.seed,
                     "angular_n": settings.angular_n, "fisher_groups": FISHER_GROUPS,

@@ -159,3 +159,44 @@ def _ranges(layers: list[int]) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
+
+
+# ---- `q-psa baseline`: the layer ablation's finished batches ------------------------------------
+
+ABLATION_SCHEMA = "q-psa/baseline-checkpoint/1"
+
+
+@dataclass
+class AblationCheckpoint:
+    """`<out>.ckpt` of a `q-psa baseline` run: every finished batch of layer ablations (its token
+    NLLs, float64, exact through JSON) under a header of the model, text, tokens and settings.
+    Written atomically after every batch, refused (one line) when it belongs to another run, deleted
+    once the results are written."""
+
+    path: Path
+    header: dict
+    units: dict[str, list] = field(default_factory=dict)  # "a-b" -> (b − a + 1) rows of token NLLs
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps({"schema": ABLATION_SCHEMA, "header": self.header, "units": self.units}))
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AblationCheckpoint:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("schema") != ABLATION_SCHEMA:
+                raise QpsaError(f"{path}: not a q-psa baseline checkpoint; delete it to start over")
+            return cls(path, dict(doc["header"]), {str(k): list(v) for k, v in doc["units"].items()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise QpsaError(f"{path}: checkpoint is truncated or corrupt ({_short(e)}); delete it to start over") from None
+
+    def check_matches(self, header: dict) -> None:
+        for key in sorted(set(header) | set(self.header)):
+            if header.get(key) != self.header.get(key):
+                a, b = self.header.get(key), header.get(key)
+                raise QpsaError(f"{self.path}: checkpoint was written for another {key} ({_show(a)[:40]} there, "
+                                f"{_show(b)[:40]} here); pass the same model, text and settings, or delete it")

@@ -101,6 +101,7 @@ def score_qpsa(
     advance: Advance = no_progress,
     log: Callable[[str], None] | None = None,
     noise_floor: bool = True,
+    executor=None,
 ) -> QpsaRun:
     """Q-PSA layer scores. `loaded.model` must be in `settings.dtype`.
 
@@ -108,6 +109,8 @@ def score_qpsa(
     finished units are taken as they are, every newly finished unit is added and saved at once.
     advance(status): called after each matrix. log(line): one-line notes (resume, floor).
     noise_floor=False skips measuring the floor (benchmarks; below-floor fractions are then None).
+    executor: where the (layer, matrix) units run (`qpsa.parallel`; default this process); each unit
+    draws its samples from its own seeds, so the numbers do not depend on where or in which order.
     """
     start = time.perf_counter()
     model, file = loaded.model, loaded.file
@@ -138,37 +141,80 @@ def score_qpsa(
                 checkpoint.noise_floor = floor
                 checkpoint.save()
         computed, resumed = [], []
+        todo: dict[str, tuple[int, str]] = {}
         for i in layers:
             for m in settings.units_of_layer:
                 key = unit_key(i, m)
                 if key in done:
                     resumed.append(key)
-                    continue
-                raw = evaluate_plan(ev, plan_unit(file, settings, i, m))
-                done[key] = raw
-                computed.append(key)
-                if checkpoint is not None:
-                    checkpoint.units[key] = raw
-                    checkpoint.save()
-                s = matrix_summary(raw, base_ppl, settings.estimator, None)
-                advance(f"layer {i} {m}: {s['mean']:.3g}")
+                else:
+                    todo[key] = (i, m)
+        counts = [ev.n_directions, ev.n_layer_passes]  # the floor's, then every unit's wherever it ran
+
+        def finished(key: str, unit_result) -> None:
+            raw, n_directions, layer_passes = unit_result
+            done[key] = raw
+            computed.append(key)
+            counts[0] += n_directions
+            counts[1] += layer_passes
+            if checkpoint is not None:
+                checkpoint.units[key] = raw
+                checkpoint.save()
+            s = matrix_summary(raw, base_ppl, settings.estimator, None)
+            i, m = todo[key]
+            advance(f"layer {i} {m}: {s['mean']:.3g}")
+
+        if executor is None:
+            from qpsa.parallel import LocalExecutor
+
+            executor = LocalExecutor(loaded)
+        executor.run(qpsa_job(loaded, tokens, settings, ev), todo, finished)
+        position = {key: k for k, key in enumerate(todo)}
+        computed.sort(key=position.__getitem__)
     seconds = time.perf_counter() - start
     scores = build_scores(done, layers, L, settings, base_ppl, base_mean, floor)
     run = scores.details["run"]
     run.update({"computed_units": computed, "resumed_units": resumed,
                 "computed_layers": sorted({int(k.split("/")[0]) for k in computed}),
                 "resumed_layers": [i for i in layers if all(unit_key(i, m) in resumed for m in settings.units_of_layer)],
-                "n_directions": ev.n_directions, "layer_passes": ev.n_layer_passes,
+                "n_directions": counts[0], "layer_passes": counts[1],
+                "execution": executor.describe(),
                 "threads": torch.get_num_threads(), "seconds": seconds})
     scores.seconds = seconds + seconds_before
     return QpsaRun(scores, base_mean, base_ppl, computed, resumed)
 
 
+def qpsa_job(loaded, tokens: EvalTokens, settings: QpsaSettings, ev: Evaluator | None = None):
+    """The `qpsa.parallel.Job` of Q-PSA units: (layer, matrix) -> the raw result `evaluate_plan` gives."""
+    from qpsa.parallel import Job
+
+    state = None if ev is None else (loaded, ev, settings)
+    return Job("qpsa.scores.qpsa.run:setup_evaluator", "qpsa.scores.qpsa.run:evaluate_unit",
+               {"tokens": tokens.tokens, "settings": settings}, str(settings.dtype).removeprefix("torch."),
+               local_state=state)
+
+
+def setup_evaluator(loaded, args: dict):
+    """A worker's state for `evaluate_unit`: the batched evaluator over the tokens."""
+    settings = args["settings"]
+    with deterministic():
+        return loaded, Evaluator(loaded.model, args["tokens"], settings.batch_size), settings
+
+
+def evaluate_unit(state, unit: tuple[int, str]) -> tuple[dict, int, float]:
+    """One (layer, matrix) unit: its raw result, and the directions and layer passes it cost."""
+    loaded, ev, settings = state
+    n0, p0 = ev.n_directions, ev.n_layer_passes
+    with deterministic():
+        raw = evaluate_plan(ev, plan_unit(loaded.file, settings, *unit))
+    return raw, ev.n_directions - n0, ev.n_layer_passes - p0
+
 
 def qpsa_layer_scores(loaded, tokens: EvalTokens, settings: QpsaSettings, advance: Advance = no_progress,
-                      layers: list[int] | None = None, noise_floor: bool = True) -> LayerScores:
+                      layers: list[int] | None = None, noise_floor: bool = True, executor=None) -> LayerScores:
     """Q-PSA as a registered score method (`qpsa.scores.registry`): the layer scores of `score_qpsa`."""
-    return score_qpsa(loaded, tokens, settings, layers=layers, advance=advance, noise_floor=noise_floor).scores
+    return score_qpsa(loaded, tokens, settings, layers=layers, advance=advance, noise_floor=noise_floor,
+                      executor=executor).scores
 
 _SCORE_TEXT = {
     "matrix": "score = mean over the layer's matrices (7; an MoE layer's 8: attention, router, the 3 stacked expert "

@@ -1,0 +1,299 @@
+"""Units on Ray actors: a local cluster of N workers, or an existing cluster joined by address.
+
+Each actor (`_Worker`) checks on its own node that the model file exists there with the driver's
+sha256, then loads the model once (per dtype) and keeps the state of the jobs it ran last
+(`Job.setup`, e.g. the reference pass over the windows). The driver hands units out as workers
+free up, two in flight per worker so none waits for the next, and passes each result to the
+caller as it arrives. A unit whose worker died (its process killed, its node lost) is run again on
+another worker (and Ray restarts the dead one, up to `MAX_RESTARTS` times); after `MAX_ATTEMPTS`
+failures of the same unit the run stops with one line — the finished units are already in the
+caller's checkpoint.
+
+Bad input is one line (`QpsaError`) before any unit runs: `--workers` below 1; Ray not installed
+(`pip install 'q-psa[cluster]'`) or older than `MIN_RAY`; an address that does not answer within
+`CONNECT_TIMEOUT` seconds; a node without the model file or with a different one (by sha256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+
+from qpsa.errors import QpsaError
+from qpsa.parallel.units import Job, OnResult, UnitLog, function
+
+MIN_RAY = (2, 10)
+CONNECT_TIMEOUT = 5.0  # seconds to wait for an address to answer
+MAX_RESTARTS = 4  # Ray restarts a dead worker this many times
+MAX_ATTEMPTS = 3  # a unit is tried on this many workers before the run gives up
+READY_TIMEOUT = 300.0  # seconds for the workers to start and check the model file
+IN_FLIGHT = 2  # units queued per worker
+STATES_KEPT = 2  # job states a worker keeps (plan: one reference for the measured span at a time)
+
+
+def require_ray():
+    """The ray module; one line telling how to install it, or that it is too old."""
+    try:
+        import ray
+    except ImportError:
+        raise QpsaError("--workers and --ray-address need Ray: pip install 'q-psa[cluster]'") from None
+    if _version(ray.__version__) < MIN_RAY:
+        raise QpsaError(f"Ray {ray.__version__} is too old for --workers (needs {'.'.join(map(str, MIN_RAY))} or newer): "
+                        "pip install 'q-psa[cluster]'")
+    return ray
+
+
+def _version(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """QpsaError unless something listens at HOST:PORT (or ray://HOST:PORT) within `timeout` seconds."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise QpsaError(f"--ray-address {address}: give HOST:PORT (the address `ray start --head` prints), or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise QpsaError(f"--ray-address {address}: no Ray cluster answers there within {timeout:g} s "
+                        f"({e.strerror or type(e).__name__}); start one with `ray start --head` (docs/cluster.md)") from None
+
+
+class _Worker:
+    """One Ray actor: the model file checked on its node, the model loaded once, job states kept."""
+
+    def __init__(self, path: str, sha256: str, threads: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(threads)
+        self.node = ray.util.get_node_ip_address()
+        self.pid = os.getpid()
+        self.error = None
+        self.models: dict = {}
+        self.states: dict = {}
+        p = Path(path)
+        if not p.is_file():
+            self.error = f"node {self.node}: no model file {path} there (every node needs the same file at the same path)"
+            return
+        from qpsa.gguf.read import file_sha256
+
+        digest = file_sha256(p)
+        if digest != sha256:
+            self.error = (f"node {self.node}: {path} has sha256 {digest[:12]}…, the driver's has {sha256[:12]}…; "
+                          "copy the same file to every node")
+        self.path = path
+
+    def ready(self) -> dict:
+        return {"node": self.node, "pid": self.pid, "error": self.error}
+
+    def run(self, job: Job, unit):
+        if self.error:
+            raise QpsaError(self.error)
+        state = self.states.get(job.id)
+        if state is None:
+            state = function(job.setup)(self._model(job.dtype), job.args)
+            while len(self.states) >= STATES_KEPT:
+                self.states.pop(next(iter(self.states)))
+            self.states[job.id] = state
+        t = time.perf_counter()
+        result = function(job.work)(state, unit)
+        return result, time.perf_counter() - t, f"{self.node} pid {self.pid}"
+
+    def _model(self, dtype: str):
+        if dtype not in self.models:
+            import torch
+
+            from qpsa.model.load import load_model
+
+            self.models[dtype] = load_model(self.path, dtype=getattr(torch, dtype))
+        return self.models[dtype]
+
+
+class RayExecutor:
+    """Units on `workers` Ray actors (each `threads` torch threads) of a local cluster, or of the
+    cluster at `address`. A cluster that this process already joined (ray.init) is used as it is."""
+
+    backend = "ray"
+
+    def __init__(self, model_path, sha256: str, workers: int | None, address: str | None = None, threads: int = 1):
+        if workers is not None and workers < 1:
+            raise QpsaError(f"--workers must be at least 1 (got {workers})")
+        if threads < 1:
+            raise QpsaError(f"worker threads must be at least 1 (got {threads})")
+        ray = require_ray()
+        self.ray = ray
+        self.address, self.threads = address, threads
+        self.started_here = False
+        if address is not None:
+            check_answers(address)
+        if not ray.is_initialized():
+            self._init(workers, address)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if workers is None:  # joined a cluster: as many workers as its CPUs hold
+            workers = max(1, cpus // threads)
+        if workers * threads > cpus:
+            self.close()
+            raise QpsaError(f"--workers {workers} of {threads} thread{'s' * (threads > 1)} need {workers * threads} CPUs; "
+                            f"the Ray cluster has {cpus}")
+        self.n_workers = workers
+        self.log = UnitLog()
+        self.retries = 0
+        self.actor_class = ray.remote(_Worker).options(num_cpus=threads, max_restarts=MAX_RESTARTS,
+                                                       max_task_retries=0)
+        self.path, self.sha256 = str(Path(model_path).resolve()), sha256
+        self.key = (ray.get_runtime_context().get_job_id(), self.path, sha256, threads)
+        parked = _PARKED.pop(self.key, [])
+        for other in list(_PARKED):  # warm workers of another model hold CPUs the new ones need
+            for a in _PARKED.pop(other):
+                _kill(ray, a)
+        self.actors = parked[:workers] + [self.actor_class.remote(self.path, sha256, threads)
+                                          for _ in range(workers - len(parked[:workers]))]
+        for a in parked[workers:]:
+            _kill(ray, a)
+        try:
+            self.info = ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT)
+        except Exception as e:  # an actor that cannot even start (a node without qpsa installed)
+            self.close()
+            raise QpsaError(f"a Ray worker could not start: {_first_line(e)}") from None
+        errors = [i["error"] for i in self.info if i["error"]]
+        if errors:
+            self.close()
+            raise QpsaError(errors[0])
+
+    def _init(self, workers: int | None, address: str | None) -> None:
+        import logging
+
+        ray = self.ray
+        try:
+            if address is None:
+                if workers is None:
+                    raise QpsaError("give --workers N (a local cluster of N workers) or --ray-address HOST:PORT")
+                ray.init(num_cpus=workers * self.threads, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+        except QpsaError:
+            raise
+        except Exception as e:  # version mismatch with the cluster, authentication, no cluster at "auto"
+            where = f"--ray-address {address}" if address else "a local Ray cluster"
+            raise QpsaError(f"{where}: {_first_line(e)}") from None
+        self.started_here = True
+
+    def pids(self) -> list[int]:
+        """Process ids of the workers now (tests kill one)."""
+        return [i["pid"] for i in self.ray.get([a.ready.remote() for a in self.actors])]
+
+    def run(self, job: Job, units: dict, on_result: OnResult) -> None:
+        ray = self.ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        lost = _lost_errors()
+        if not self.log.units:
+            self.log.started = time.perf_counter()
+        shipped = ray.put(dataclasses.replace(job, local_state=None))
+        queue = deque((key, unit, 0, None) for key, unit in units.items())  # key, unit, attempts, worker to avoid
+        pending: dict = {}  # object ref -> (key, unit, attempts, worker index)
+        load = [0] * len(self.actors)
+
+        def submit():
+            while queue:
+                key, unit, attempts, avoid = queue[0]
+                order = sorted(range(len(self.actors)), key=lambda w: (w == avoid, load[w]))
+                w = order[0]
+                if load[w] >= IN_FLIGHT:
+                    return
+                queue.popleft()
+                pending[self.actors[w].run.remote(shipped, unit)] = (key, unit, attempts, w)
+                load[w] += 1
+
+        submit()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            key, unit, attempts, w = pending.pop(ref)
+            load[w] -= 1
+            try:
+                result, seconds, worker = ray.get(ref)
+            except RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, QpsaError):
+                    raise QpsaError(str(cause)) from None
+                raise cause if isinstance(cause, Exception) else e
+            except (RayActorError, *lost):
+                if attempts + 1 >= MAX_ATTEMPTS:
+                    raise QpsaError(f"unit {key} failed on {MAX_ATTEMPTS} workers (each died); the finished units "
+                                    "are in the checkpoint: rerun with --resume") from None
+                self.retries += 1
+                queue.appendleft((key, unit, attempts + 1, w))
+                submit()
+                continue
+            self.log.add(key, f"worker {w} ({worker})", seconds)
+            if attempts:
+                self.log.units[key]["attempts"] = attempts + 1
+            on_result(key, result)
+            submit()
+
+    def describe(self) -> dict:
+        return {"backend": "ray", "ray_version": self.ray.__version__, "workers": self.n_workers,
+                "threads": self.threads, "address": self.address or "local",
+                "nodes": sorted({i["node"] for i in self.info}), "retries": self.retries,
+                "units": dict(self.log.units), "per_worker": self.log.per_worker()}
+
+    def close(self) -> None:
+        """Shut the workers down, and the cluster if this executor started it. Workers of a cluster
+        that someone else started (a library caller's ray.init, the tests) are kept warm for the
+        next executor of the same model and threads in this Ray session."""
+        actors, self.actors = getattr(self, "actors", []), []
+        healthy = all(not i["error"] for i in getattr(self, "info", [{"error": "not started"}]))
+        if actors and healthy and not self.started_here and self.ray.is_initialized():
+            _PARKED.setdefault(self.key, []).extend(actors)
+            return
+        for a in actors:
+            _kill(self.ray, a)
+        if self.started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+            self.started_here = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_PARKED: dict[tuple, list] = {}  # warm workers by (Ray job, model path, sha256, threads)
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+def _lost_errors() -> tuple:
+    """Ray's errors for a task whose worker process or object was lost (names vary across versions)."""
+    import ray.exceptions as rx
+
+    names = ("WorkerCrashedError", "ObjectLostError", "OwnerDiedError", "NodeDiedError", "ActorUnavailableError")
+    return tuple(getattr(rx, n) for n in names if hasattr(rx, n))
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
