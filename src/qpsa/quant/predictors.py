@@ -23,6 +23,9 @@ imatrix-weighted where the session has an importance matrix); n is the number of
                    unbiased estimate of the second-order KLD, in the measurement's own unit (nats per
                    token), full matrix F and all cross terms within a group included. Its standard
                    error comes from the spread of the W·R squared projections.
+* `fisher_kl_diag` ½ Σ_{w,r} ⟨G̃_{w,r}², E²⟩ / (W·R·S): the same drawn-label Fisher, its diagonal
+                   only (cross terms between weights dropped) — far less noisy than the projection,
+                   which is one scalar per draw, because it averages over every weight.
 * `qpsa_curvature` Q-PSA's grid curvature times the error: per weight matrix, probes of N weights
                    moved ±1 grid step with random signs give the mean per-weight ½(ΔNLL(+)+ΔNLL(−)),
                    divided by the mean squared move that is a per-weight curvature c (½ diag H on
@@ -39,6 +42,7 @@ the measurement too, so it is in both.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -51,10 +55,12 @@ from qpsa.errors import QpsaError
 from qpsa.progress import SILENT, Progress
 from qpsa.quant.sensitivity import QuantGroup, group_variant
 
+log = logging.getLogger(__name__)
+
 PREDICTORS = ("weight_norm", "error", "imatrix_error", "grad_first", "grad_first_sq", "fisher_diag", "fisher_kl",
-              "qpsa_curvature")
+              "fisher_kl_diag", "qpsa_curvature")
 NEEDS = {"imatrix_error": "imatrix", "grad_first": "gradients", "grad_first_sq": "gradients",
-         "fisher_diag": "gradients", "fisher_kl": "gradients", "qpsa_curvature": "qpsa"}
+         "fisher_diag": "gradients", "fisher_kl": "draws", "fisher_kl_diag": "draws", "qpsa_curvature": "qpsa"}
 DEFAULT_DRAWS = 2  # label draws per window for fisher_kl
 QPSA_PROBES, QPSA_N = 2, 64  # Q-PSA probes per matrix and weights moved per probe (predictor setting)
 _MATRIX = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
@@ -135,6 +141,8 @@ class Predictors:
         gen = torch.Generator().manual_seed(self.seed)
         g_sum = {nm: torch.zeros_like(model.weights[nm]) for nm in names}
         g_sq = {nm: torch.zeros_like(model.weights[nm]) for nm in names}
+        drawn_sq = {nm: torch.zeros_like(model.weights[nm]) for nm in names}
+        clock = {"forward": 0.0, "true": 0.0, "drawn": 0.0}
         dots = {t: {nm: [] for nm in errs} for t, errs in error_sets.items()}
         pnames = list(params)
 
@@ -148,31 +156,43 @@ class Predictors:
             with self.progress.task("gradients (true and drawn labels)", n) as advance:
                 for w in range(n):
                     with torch.inference_mode(False), torch.enable_grad():
+                        t0 = time.perf_counter()
                         ids = tokens[w : w + 1]
                         h = model.run_layers(model.embed(ids), range(model.config.n_layer), positions)
                         logp = torch.log_softmax(model.logits(h[:, s0:-1])[0].float(), dim=-1)  # (S, V)
                         target = ids[0, s0 + 1 :, None]
+                        t1 = time.perf_counter()
                         g = grads(-logp.gather(-1, target).sum(), retain=True)
                         for nm in names:
                             g_sum[nm] += g[nm]
                             g_sq[nm] += g[nm].square()
                         del g
+                        t2 = time.perf_counter()
                         probs = logp.detach().exp()
                         for r in range(self.draws):
                             drawn = torch.multinomial(probs, 1, generator=gen)  # (S, 1)
                             g = grads(logp.gather(-1, drawn).sum(), retain=r < self.draws - 1)
+                            for nm in names:
+                                drawn_sq[nm] += g[nm].square()
                             for t, errs in error_sets.items():
                                 for nm, e in errs.items():
                                     dots[t][nm].append(float((g[nm] * e).sum(dtype=torch.float64)))
                             del g
+                        for k, v in zip(clock, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                            clock[k] += v
                     advance()
         finally:
             for p, t in params.items():
                 t.requires_grad_(was[p])
-        self._grad = {"sum": g_sum, "sq": g_sq, "dots": {t: {nm: np.asarray(v) for nm, v in d.items()}
-                                                         for t, d in dots.items()}}
-        self.cost["gradients"] = time.perf_counter() - start
-        self.passes["gradients"] = 1 + 2 * (1 + self.draws)  # a backward pass costs about two forward passes
+        self._grad = {"sum": g_sum, "sq": g_sq, "drawn_sq": drawn_sq,
+                      "dots": {t: {nm: np.asarray(v) for nm, v in d.items()} for t, d in dots.items()}}
+        # the true-label predictors need the forward and one backward, the drawn-label ones the
+        # forward and R backwards (a backward pass costs about two forward passes)
+        self.cost["gradients"] = clock["forward"] + clock["true"]
+        self.cost["draws"] = clock["forward"] + clock["drawn"]
+        self.passes["gradients"] = 3.0
+        self.passes["draws"] = 1.0 + 2 * self.draws
+        log.debug("gradient passes took %.1f s", time.perf_counter() - start)
         return self._grad
 
     def activations(self) -> dict[str, torch.Tensor]:
@@ -234,7 +254,7 @@ class Predictors:
         n_scored = self.windows.tokens.shape[0] * S
         values, se = {}, {}
         need = NEEDS.get(name)
-        grad = self.gradients(error_sets or {qtype.name: errors}) if need == "gradients" else None
+        grad = self.gradients(error_sets or {qtype.name: errors}) if need in ("gradients", "draws") else None
         act = self.activations() if need == "imatrix" else None
         curv = self.curvatures([n for g in groups for n in g.tensors]) if need == "qpsa" else None
         for g in groups:
@@ -262,6 +282,10 @@ class Predictors:
                 sq = 0.5 * proj**2 / S
                 values[g.name] = float(sq.mean())
                 se[g.name] = float(sq.std(ddof=1) / math.sqrt(len(sq))) if len(sq) > 1 else math.nan
+            elif name == "fisher_kl_diag":
+                draws = self.windows.tokens.shape[0] * self.draws
+                values[g.name] = 0.5 * sum(float((grad["drawn_sq"][n] * v.square()).sum(dtype=torch.float64))
+                                           for n, v in e.items()) / (draws * S)
             elif name == "qpsa_curvature":
                 parts = [curv[n] * float(v.double().square().sum()) for n, v in e.items() if n in curv]
                 values[g.name] = sum(parts) if parts and len(parts) == len(e) else math.nan
@@ -272,7 +296,7 @@ class Predictors:
         only) plus its share of the shared input it needs (the gradient pass serves `n_types` types)."""
         seconds = self.cost.get(f"requantize {qtype.name}", 0.0) if name != "weight_norm" else 0.0
         need = NEEDS.get(name)
-        share = 1 / n_types if need == "gradients" else 1.0
+        share = 1 / n_types if need in ("gradients", "draws") else 1.0
         if need:
             seconds += share * self.cost.get(need, 0.0)
         return seconds, share * self.passes.get(need, 0.0)
