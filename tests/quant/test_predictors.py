@@ -93,6 +93,20 @@ def test_fisher_kl_estimates_the_second_order_kld(session):
     assert p.se[name] < 0.5 * p.values[name]
 
 
+def test_fisher_kl_diag_equals_fisher_kl_for_an_error_in_one_weight(session):
+    """With E non-zero in a single weight there are no cross terms: the diagonal is the whole form,
+    draw by draw, so the two predictors agree exactly on the same gradients."""
+    loaded = session.loaded
+    groups = [g for g in quant_groups(loaded, "tensor") if g.name == "blk.1.attn_k.weight"]
+    pred = Predictors(loaded, session.windows, 1.0, draws=3, seed=1)
+    e = torch.zeros_like(loaded.model.weights["blk.1.attn_k.weight"])
+    e[3, 5] = 0.01
+    pred._errors["Q4_0"] = {"blk.1.attn_k.weight": e}  # the error to judge, in place of a requantization's
+    full = pred.predict("fisher_kl", groups, Q.Q4_0).values["blk.1.attn_k.weight"]
+    diag = pred.predict("fisher_kl_diag", groups, Q.Q4_0).values["blk.1.attn_k.weight"]
+    assert full > 0 and diag == pytest.approx(full, rel=1e-6)
+
+
 def test_fisher_kl_is_close_to_the_measured_kld_for_a_small_error(session):
     """Q8_0's error is small: the measured KLD is in the second-order regime that fisher_kl estimates."""
     groups = quant_groups(session.loaded, "tensor")
