@@ -198,7 +198,7 @@ def plan(
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
     estimator: Annotated[Optional[str], typer.Option(
-        help="predict every option with this predictor (e.g. fisher_kl; see `q-psa predictors`) and measure only "
+        help="predict every option with this predictor (e.g. fisher_kl_diag; see `q-psa predictors`) and measure only "
              "those the choice rests on")] = None,
     draws: DrawsOpt = 2,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
