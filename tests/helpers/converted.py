@@ -197,6 +197,7 @@ class Recipe:
     pre: str | None = None  # bpe: the tokenizer.ggml.pre the converter writes
     outtype: str = "f32"
     init_std: float = 0.25  # weight init std: large enough that logits are far from uniform
+    final_norm_gain: float = 0.0  # added to the final norm's weights (Gemma: its residual stream is mostly the scaled embedding)
     seed: int = 0
 
     def key(self) -> str:
@@ -249,7 +250,7 @@ RECIPES = {
         tie_word_embeddings=True, rope_theta=10000.0, sliding_window=16, query_pre_attn_scalar=48,
         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
         vocab_size=SPM_VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        "spm-gemma", SPM_VOCAB, init_std=0.3),
+        "spm-gemma", SPM_VOCAB, init_std=0.1, final_norm_gain=1.0),
     # Phi-3 mini 128k: fused qkv and gate|up, longrope (short factors up to the original context,
     # long ones past it, attention factor), SentencePiece with chat tokens added after the vocabulary
     "phi3": Recipe("phi3", dict(
@@ -301,7 +302,7 @@ def _randomize_norms(model, recipe: Recipe) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1 + (recipe.final_norm_gain if name == "model.norm.weight" else 0))
             elif name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 

@@ -103,6 +103,6 @@ def other_precision(model) -> torch.nn.Module:
 
     other = torch.float64 if model.dtype == torch.float32 else torch.float32
     w = model.weights
-    weights = {k: v for k, v in w.items() if "_qkv." not in k and "_gate_up." not in k
+    weights = {k: v for k, v in w.items() if k not in model.fused_names
                and not (k == "output.weight" and v is w.get("token_embd.weight"))}
     return Transformer(model.config, weights, dtype=other)
