@@ -79,8 +79,6 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     c = config
     q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     shapes = {"token_embd.weight": (c.vocab_size, c.n_embd), "output_norm.weight": (c.n_embd,)}
-    if c.rope_original_context:  # longrope: frequency divisors for short and long windows
-        shapes |= {f"rope_factors_{s}.weight": (c.rope_dim // 2,) for s in ("short", "long")}
     for i in range(c.n_layer):
         p = f"blk.{i}."
         shapes[p + "attn_norm.weight"] = (c.n_embd,)
@@ -106,10 +104,13 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def optional_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Tensors the forward uses where the file has them: a separate output head (else token_embd
-    is reused) and, for llama, Llama 3.x's rope frequency factors."""
+    is reused); for llama, Llama 3.x's rope frequency factors; for phi3, longrope's frequency
+    factors for windows up to the original context and past it (Phi-3 "4k" files have none)."""
     shapes = {"output.weight": (config.vocab_size, config.n_embd)}
     if config.arch == "llama":
         shapes["rope_freqs.weight"] = (config.rope_dim // 2,)
+    if config.arch == "phi3":
+        shapes |= {f"rope_factors_{s}.weight": (config.rope_dim // 2,) for s in ("short", "long")}
     return shapes
 
 

@@ -251,8 +251,8 @@ class Transformer:
             inv_freq = base ** (-torch.arange(n, dtype=torch.float64) * 2 / cfg.rope_dim)  # (D/2,)
             factors = self._rope_freqs
             if cfg.rope_original_context:  # longrope: as llama.cpp, long factors past the original context
-                factors = self.weights["rope_factors_long.weight" if key[0] > cfg.rope_original_context
-                                       else "rope_factors_short.weight"]
+                factors = self.weights.get("rope_factors_long.weight" if key[0] > cfg.rope_original_context
+                                           else "rope_factors_short.weight")
             if factors is not None and not local:
                 inv_freq = inv_freq / factors.to(torch.float64)[:n]
             angles = torch.arange(key[0], dtype=torch.float64)[:, None] / scale * inv_freq  # (T, D/2)
