@@ -86,6 +86,13 @@ class ModelConfig:
     def scale(self) -> float:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
 
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The matmul weights of a layer as the file names them (`blk.N.{name}.weight`)."""
+        qkv = ("attn_qkv",) if self.fused_qkv else ("attn_q", "attn_k", "attn_v")
+        gate_up = ("ffn_up",) if self.fused_gate_up else ("ffn_gate", "ffn_up")  # phi3: ffn_up holds gate|up
+        return (*qkv, "attn_output", *gate_up, "ffn_down")
+
 
 def config_from_metadata(metadata: dict, vocab_size: int | None = None) -> ModelConfig:
     """Build the config from GGUF metadata keys (`{arch}.block_count`, …)."""

@@ -38,8 +38,10 @@ from qpsa.stats import mean_se
 if TYPE_CHECKING:
     from qpsa.scores.results import ScoreRun
 
-# The seven weight matrices of a layer, as named in GGUF files (blk.{i}.{name}.weight).
+# The seven weight matrices of a layer in most architectures, as named in GGUF files (blk.{i}.{name}.weight);
+# a model's own are ModelConfig.matrices (phi3 has four: attn_qkv, attn_output, ffn_up = gate|up, ffn_down).
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
 # The fused tensors the forward actually multiplies by (the per-name entries are views of them).
 FUSED = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
 FISHER_GROUPS = 8  # contiguous token groups for the fisher jackknife
@@ -160,17 +162,17 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
     """score_i = sqrt(Σ over the seven dequantized matrices of Σ w²): one Frobenius norm of them all."""
     start = time.perf_counter()
     w = loaded.model.weights
-    scores, per_matrix = [], {m: [] for m in MATRICES}
+    scores, per_matrix = [], {m: [] for m in loaded.config.matrices}
     for i in range(loaded.config.n_layer):
         total = 0.0
-        for m in MATRICES:
+        for m in loaded.config.matrices:
             sq = float(w[f"blk.{i}.{m}.weight"].double().square().sum())
             per_matrix[m].append(math.sqrt(sq))
             total += sq
         scores.append(math.sqrt(total))
         advance(steps=1)
     return LayerScores("weight_norm", scores, [None] * len(scores),
-                       "Frobenius norm of the 7 dequantized weight matrices together", time.perf_counter() - start,
+                       f"Frobenius norm of the {len(loaded.config.matrices)} dequantized weight matrices together", time.perf_counter() - start,
                        {"per_matrix": per_matrix})
 
 
@@ -287,7 +289,7 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
         # groups' g·s (the last group's is then u minus that sum)
         mats = {}
         for i in range(L):
-            for m in MATRICES:
+            for m in cfg.matrices:
                 name = f"blk.{i}.{m}.weight"
                 fused, row = model.fused_rows(i, m)
                 rows = model.weights[name].shape[0]
@@ -317,17 +319,17 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
 
     sizes = [bounds[k + 1] - bounds[k] for k in range(K)]
     scores, unc = [], []
-    per_matrix = {m: [] for m in MATRICES}
+    per_matrix = {m: [] for m in cfg.matrices}
     for i in range(L):
-        for m in MATRICES:
+        for m in cfg.matrices:
             per_matrix[m].append(mats[(i, m)]["A"])
-        scores.append(sum(mats[(i, m)]["A"] for m in MATRICES))
+        scores.append(sum(mats[(i, m)]["A"] for m in cfg.matrices))
         if K < 2:
             unc.append(None)
             continue
         # jackknife of θ = Σ (ḡ·s)², ḡ the mean gradient per scored token, so S = N²·θ; leaving
         # group k out, Σ ((G − g_k)·s)² = A − 2·B_k + C_k over N − N_k tokens
-        theta = np.array([sum(mats[(i, m)]["A"] - 2 * mats[(i, m)]["B"][k] + mats[(i, m)]["C"][k] for m in MATRICES)
+        theta = np.array([sum(mats[(i, m)]["A"] - 2 * mats[(i, m)]["B"][k] + mats[(i, m)]["C"][k] for m in cfg.matrices)
                           / (n - sizes[k]) ** 2 for k in range(K)])
         unc.append(float(n**2 * math.sqrt((K - 1) / K * np.square(theta - theta.mean()).sum())))
     details = {"per_matrix": per_matrix, "groups": K, "group_tokens": sizes,

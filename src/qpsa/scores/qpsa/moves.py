@@ -9,7 +9,7 @@ import numpy as np
 
 from qpsa.errors import QpsaError
 from qpsa.gguf.quants import dequantize
-from qpsa.scores.qpsa.settings import LAYER, MATRICES, STREAMS, QpsaSettings
+from qpsa.scores.qpsa.settings import ALL_MATRICES, LAYER, STREAMS, QpsaSettings
 
 # ---- perturbations ----------------------------------------------------------------------------
 
@@ -70,7 +70,7 @@ def move_byte(tensor, offset: int, step: int) -> Move:
 
 
 def sample_rng(seed: int, layer: int, matrix: str, stream: str) -> np.random.Generator:
-    return np.random.default_rng([seed, layer, MATRICES.index(matrix), STREAMS[stream]])
+    return np.random.default_rng([seed, layer, ALL_MATRICES.index(matrix), STREAMS[stream]])
 
 
 @dataclass
@@ -215,7 +215,7 @@ def plan_layer(file, settings: QpsaSettings, layer: int) -> MatrixPlan:
 
     The plan's `matrix` is LAYER, `n_units` the layer's total, `n_sampled` the units moved per
     probe, `index` one {matrix: units} per probe, and each direction a list of (matrix, Move)."""
-    samplers = {m: _Sampler(file, settings, layer, m) for m in MATRICES}
+    samplers = {m: _Sampler(file, settings, layer, m) for m in settings.matrices}
     plan = MatrixPlan(layer, LAYER, sum(sm.n_units for sm in samplers.values()), [], [], [], [], 0, 0, 0)
     for k in range(settings.probes):
         draws = {m: sm.probe() for m, sm in samplers.items()}

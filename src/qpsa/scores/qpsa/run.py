@@ -37,6 +37,7 @@ weights themselves are never copied.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -109,6 +110,8 @@ def score_qpsa(
     start = time.perf_counter()
     model, file = loaded.model, loaded.file
     L = loaded.config.n_layer
+    if settings.matrices != loaded.config.matrices:  # phi3's fused attn_qkv and ffn_up
+        settings = dataclasses.replace(settings, matrices=loaded.config.matrices)
     layers = list(range(L)) if layers is None else list(layers)
     if model.dtype != settings.dtype:
         raise QpsaError(f"the model is in {model.dtype} but the settings ask for {settings.resolved_precision}")
@@ -201,7 +204,7 @@ def build_scores(done: dict[str, dict], layers: list[int], n_layer: int, setting
     details = {
         "score": _SCORE_TEXT["layer" if settings.layer_probes else "matrix"],
         **settings.to_dict(), "probes": settings.probes if settings.estimator == "probe" else None,
-        "matrices": list(MATRICES), "layers": list(layers),
+        "matrices": list(settings.matrices), "layers": list(layers),
         "base": {"ppl": base_ppl, "nll": base_nll},
         "noise_floor": floor,
         "n_samples": n_samples,

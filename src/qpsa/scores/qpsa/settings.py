@@ -9,6 +9,7 @@ import torch
 from qpsa.errors import QpsaError
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+ALL_MATRICES = (*MATRICES, "attn_qkv")  # every name a layer's matrix may have (phi3: attn_qkv, and ffn_up = gate|up)
 UNITS = ("weight", "block", "byte")
 ESTIMATORS = ("exact", "probe")
 PROBE_SCOPES = ("layer", "matrix")
@@ -39,6 +40,7 @@ class QpsaSettings:
     precision: str | None = None  # None: float64 for exact, float32 for probe
     batch_size: int = DEFAULT_BATCH
     probe_scope: str = "layer"
+    matrices: tuple[str, ...] = MATRICES  # the model's (ModelConfig.matrices), set by score_qpsa; not a setting of the numbers
 
     def __post_init__(self):
         def whole(name, v, low):
@@ -89,4 +91,4 @@ class QpsaSettings:
     @property
     def units_of_layer(self) -> tuple[str, ...]:
         """The checkpoint units of one layer: its matrices, or the whole layer for layer-scope probes."""
-        return (LAYER,) if self.layer_probes else MATRICES
+        return (LAYER,) if self.layer_probes else self.matrices

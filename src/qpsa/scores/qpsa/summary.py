@@ -10,7 +10,7 @@ import torch
 
 from qpsa.scores.qpsa.evaluate import Evaluator, other_precision
 from qpsa.scores.qpsa.moves import MatrixPlan, plan_unit
-from qpsa.scores.qpsa.settings import FLOOR_LAYER, FLOOR_SAMPLES_PER_MATRIX, LAYER, MATRICES, ROUNDOFF_RATIO, QpsaSettings
+from qpsa.scores.qpsa.settings import FLOOR_LAYER, FLOOR_SAMPLES_PER_MATRIX, LAYER, ROUNDOFF_RATIO, QpsaSettings
 from qpsa.stats import mean_se
 
 # ---- per-unit results and aggregation ---------------------------------------------------------
@@ -77,7 +77,7 @@ def layer_summary(per_matrix: dict[str, dict]) -> dict:
                 "total_nll": None, "total_nll_se": None, "total_ppl": None, "first_order": m["first_order"],
                 **{k: m[k] for k in ("n_samples", "n_skipped", "n_redrawn", "n_pinned", "n_below_floor",
                                      "below_floor")}}
-    ms = [per_matrix[m] for m in MATRICES]
+    ms = list(per_matrix.values())
     k = len(ms)
     score = sum(m["mean"] for m in ms) / k
     below = [m["n_below_floor"] for m in ms]
