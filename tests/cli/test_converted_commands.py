@@ -39,6 +39,7 @@ def _finite(*values) -> bool:
 def test_commands_on_converted_model(tmp_path, capsys, prose, family):
     model = converted(family)
     common = ("--text", prose)
+    assert run(capsys, "inspect", model)[0] == 0
     ppl = _json(capsys, "ppl", model, *common, "--ctx", 64, "--chunks", 2, "--json")
     assert _finite(ppl["ppl"]) and ppl["ppl"] > 1, ppl  # a random model: confidently wrong, so far above V
 

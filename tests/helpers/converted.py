@@ -363,10 +363,12 @@ def transformers_logits(path: Path, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens]), use_cache=False).logits.numpy()[0].astype(np.float64)
 
 
-def llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+def llamacpp_logits(path: Path, tokens: list[int], f32_attention: bool = True) -> np.ndarray:
+    """llama.cpp's logits for every position; by default with float32 keys and values and no flash
+    attention (its defaults round them to float16: `compare_all` reports both)."""
     from qpsa.reference.llamacpp import LlamaCpp
 
-    ref = LlamaCpp(path, ctx=len(tokens), threads=1)
+    ref = LlamaCpp(path, ctx=len(tokens), threads=1, f32_attention=f32_attention)
     try:
         return ref.window_logits(tokens, 0).astype(np.float64)
     finally:
@@ -392,11 +394,13 @@ def compare_all(family: str, outtype: str | None = None, n_tokens: int | None = 
     tokens = sample_tokens(family, n_tokens or (48 if family.startswith("gemma2") else 64))
     ours, cpp, hf = qpsa_logits(path, tokens), llamacpp_logits(path, tokens), transformers_logits(path, tokens)
     kld_cpp, top1_cpp = kld_top1(cpp, ours)
+    kld_default, top1_default = kld_top1(llamacpp_logits(path, tokens, f32_attention=False), ours)
     kld_hf, top1_hf = kld_top1(hf, ours)
     p = np.exp(ours - _logsumexp(ours))
     return {
         "family": family, "outtype": outtype or RECIPES[family].outtype, "tokens": len(tokens),
-        "kld_llamacpp": kld_cpp, "top1_llamacpp": top1_cpp,
+        "kld_llamacpp": kld_cpp, "top1_llamacpp": top1_cpp,  # float32 keys/values, no flash attention
+        "kld_llamacpp_default": kld_default, "top1_llamacpp_default": top1_default,  # llama.cpp's defaults (float16 K/V)
         "kld_transformers": kld_hf, "top1_transformers": top1_hf,
         "max_abs_diff_transformers": float(np.abs(hf - ours).max()),
         "max_abs_diff_llamacpp": float(np.abs(cpp - ours).max()),

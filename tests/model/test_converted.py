@@ -4,7 +4,8 @@ Each family's tiny random transformers model is converted by convert_hf_to_gguf.
 release b11434 (tests/helpers/converted.py; cached, so a rerun converts nothing). On one sequence,
 q-psa's logits must match llama.cpp's on the same file (mean KL divergence per token ≤ 0.01 nats,
 the same top token at ≥ 95% of positions) and transformers' on the weights the file came from
-(float32 both: to rounding).
+(float32 both: to rounding). llama.cpp runs with float32 keys and values and without flash
+attention (its defaults round them to float16, which costs up to ~1e-3 nats here: also bounded).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def test_converted_file_matches_llamacpp_and_transformers(family, llama_cpp):
     assert open_gguf(converted(family)).metadata["general.architecture"] == ARCH_OF[family]
     assert 0.5 < figures["entropy"] < figures["uniform_entropy"] - 1.0, figures  # opinions, not certainties
     assert figures["kld_llamacpp"] <= 0.01 and figures["top1_llamacpp"] >= 0.95, figures
+    assert figures["kld_llamacpp_default"] <= 0.01, figures  # llama.cpp's own float16 keys and values
     assert figures["kld_transformers"] <= 1e-6 and figures["top1_transformers"] == 1.0, figures
     assert figures["max_abs_diff_transformers"] < 1e-3, figures
 

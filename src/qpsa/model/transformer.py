@@ -233,7 +233,8 @@ class Transformer:
             if name in parts:
                 start = 0
                 for part in parts[: parts.index(name)]:  # (phi3's ffn_up is all of gate|up: no ffn_gate)
-                    start += self.weights[f"blk.{i}.{part}.weight"].shape[0] if f"blk.{i}.{part}.weight" in self.weights else 0
+                    before = self.weights.get(f"blk.{i}.{part}.weight")
+                    start += 0 if before is None else before.shape[0]
                 return fused, start
         return name, 0
 

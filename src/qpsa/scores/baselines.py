@@ -172,8 +172,8 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
         scores.append(math.sqrt(total))
         advance(steps=1)
     return LayerScores("weight_norm", scores, [None] * len(scores),
-                       f"Frobenius norm of the {len(loaded.config.matrices)} dequantized weight matrices together", time.perf_counter() - start,
-                       {"per_matrix": per_matrix})
+                       f"Frobenius norm of the {len(loaded.config.matrices)} dequantized weight matrices together",
+                       time.perf_counter() - start, {"per_matrix": per_matrix})
 
 
 def random_scores(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
