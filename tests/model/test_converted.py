@@ -40,3 +40,30 @@ def test_f16_conversion_matches_llamacpp(family, llama_cpp):
     large random weights that alone costs ~0.012 nats of KLD, as much as the weights' rounding.)"""
     figures = compare_all(family, outtype="f16")
     assert figures["kld_llamacpp"] <= 0.01 and figures["top1_llamacpp"] >= 0.95, figures
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "phi3", "phi3-long", "mistral"])
+def test_forward_paths_agree_on_converted_file(family, monkeypatch):
+    """The autograd path (Fisher), the inference path with the compiled kernels and without them
+    (torch's ops, blocked attention) give the float64 forward's logits to float32 rounding on the
+    new architectures (phi3-long's attention factor, squared on q·k, magnifies it most: ~1e-3)."""
+    import torch
+    from helpers.converted import sample_tokens
+
+    from qpsa.model import transformer
+    from qpsa.model.load import load_model
+
+    path = str(converted(family))
+    model = load_model(path, tokenizer=False).model
+    tokens = torch.tensor([sample_tokens(family, 48), sample_tokens(family, 48, seed=1)])
+    reference = load_model(path, tokenizer=False, dtype=torch.float64).model(tokens).float()
+
+    def close(logits):
+        torch.testing.assert_close(logits, reference, atol=3e-3, rtol=0)
+
+    close(model(tokens))  # grad enabled: scaled_dot_product_attention (or capped scores), out of place
+    monkeypatch.setattr(transformer, "ATTENTION_BLOCK", 7)
+    with torch.inference_mode():
+        close(model(tokens))
+        monkeypatch.setenv("QPSA_KERNEL", "0")
+        close(model(tokens))
