@@ -106,3 +106,13 @@ def test_phi3_without_rope_factors_loads(tmp_path, llama_cpp):
     tokens = sample_tokens("phi3", 48)
     kld, top1 = kld_top1(llamacpp_logits(path, tokens), qpsa_logits(path, tokens))
     assert kld <= 0.01 and top1 >= 0.95, (kld, top1)
+
+
+def test_harmless_keys_load_and_change_nothing(tmp_path):
+    """Keys real files carry that cannot change the forward (or at their no-op value) are accepted."""
+    keys = {"llama.tensor_data_layout": ("Meta AI original pth", STR), "llama.expert_count": (0, U32),
+            "llama.expert_used_count": (0, U32), "llama.attention.causal": (True, BOOL),
+            "llama.rope.scaling.finetuned": (False, BOOL), "llama.rope.scaling.original_context_length": (8192, U32)}
+    path = damaged("llama3", tmp_path / "harmless.gguf", set_keys=keys)
+    tokens = sample_tokens("llama3", 32)
+    assert np.array_equal(qpsa_logits(path, tokens), qpsa_logits(converted("llama3"), tokens))

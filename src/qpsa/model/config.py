@@ -30,6 +30,7 @@ HARMLESS_KEYS = {
     "context_length": "the training context; the forward does not read it",
     "vocab_size": "the vocabulary size: token_embd's rows are used",
     "rope.scaling.finetuned": "a note on training; llama.cpp does not compute with it",
+    "tensor_data_layout": "how an old converter arranged the tensors it wrote; llama.cpp does not read it",
     "rope.scaling.original_context_length": "read by YaRN and longrope only (longrope reads it, YaRN is refused)",
 }
 # Keys harmless only at the value given (the forward without the feature); another value stops the load.
