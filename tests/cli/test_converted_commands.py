@@ -53,7 +53,8 @@ def test_commands_on_converted_model(tmp_path, capsys, prose, family):
         assert len(m["scores"]) == 3 or len(m["scores"]) == 4, name
         assert _finite(*m["scores"]), (name, m["scores"])
 
-    score = _json(capsys, "score", model, *common, "--samples-per-matrix", 2, "--max-tokens", 24, "--json")
+    score = _json(capsys, "score", model, *common, "--samples-per-matrix", 2, "--max-tokens", 24, "--json",
+                  "--out", tmp_path / "score.json")
     assert _finite(*score["methods"]["qpsa"]["scores"]), score["methods"]["qpsa"]
 
     for command in ("prune", "loop"):
