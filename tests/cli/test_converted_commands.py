@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]
+FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "phi3"]
 
 
 def _json(capsys, *args) -> dict:

@@ -241,6 +241,16 @@ RECIPES = {
         tie_word_embeddings=True, rope_theta=1000000.0, vocab_size=BPE_VOCAB + 64, bos_token_id=BPE_VOCAB - 3,
         eos_token_id=BPE_VOCAB - 1),
         "bpe", BPE_VOCAB, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), pre="qwen2"),
+    # Qwen3 30B-A3B: Qwen3's attention (per-head q/k RMS norms, head_dim × heads ≠ width) and routed
+    # experts in every layer (softmax router, top-k, the k weights renormalized: norm_topk_prob, as
+    # llama.cpp always computes qwen3moe), separate output head; 8 experts, 2 per token here
+    "qwen3moe": Recipe("qwen3moe", dict(
+        model_type="qwen3_moe", hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_theta=1000000.0, num_local_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        vocab_size=BPE_VOCAB + 64, bos_token_id=BPE_VOCAB - 3, eos_token_id=BPE_VOCAB - 1),
+        "bpe", BPE_VOCAB, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), pre="qwen2"),
     # Gemma 2 2B: GeGLU, pre/post norms, attention and final logit soft-capping, sliding window on
     # even layers (tiny here, 16, so that it matters over a 48-token sequence), head_dim × heads ≠ width,
     # q·k scaled by query_pre_attn_scalar = head_dim
@@ -267,7 +277,7 @@ RECIPES = {
 RECIPES["phi3-long"] = replace(RECIPES["phi3"], family="phi3-long",
                                config={**RECIPES["phi3"].config, "original_max_position_embeddings": 32})
 ARCH_OF = {"llama3": "llama", "llama2": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-           "gemma2": "gemma2", "phi3": "phi3", "phi3-long": "phi3"}
+           "qwen3moe": "qwen3moe", "gemma2": "gemma2", "phi3": "phi3", "phi3-long": "phi3"}
 
 
 def _hf_config(recipe: Recipe):

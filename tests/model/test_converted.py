@@ -18,6 +18,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
 FAMILIES = list(RECIPES)
+# KLD bound against llama.cpp's defaults (float16 keys and values). For qwen3moe their rounding
+# flips one routing decision of llama.cpp's own (position 27 of 64 picks another expert: KL 0.83
+# there, 0 before it, 0.017 on average), while with float32 keys and values llama.cpp and q-psa
+# agree to 1e-11: routing is discontinuous, so a rounding that moves logits by 1e-3 elsewhere can
+# move a mixture-of-experts model's by a whole expert.
+DEFAULT_KV_KLD = {"qwen3moe": 0.05}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,7 +34,8 @@ def test_converted_file_matches_llamacpp_and_transformers(family, llama_cpp):
     assert open_gguf(converted(family)).metadata["general.architecture"] == ARCH_OF[family]
     assert 0.5 < figures["entropy"] < figures["uniform_entropy"] - 1.0, figures  # opinions, not certainties
     assert figures["kld_llamacpp"] <= 0.01 and figures["top1_llamacpp"] >= 0.95, figures
-    assert figures["kld_llamacpp_default"] <= 0.01, figures  # llama.cpp's own float16 keys and values
+    assert figures["kld_llamacpp_default"] <= DEFAULT_KV_KLD.get(family, 0.01), figures  # llama.cpp's float16 K/V
+    assert figures["top1_llamacpp_default"] >= 0.95, figures
     assert figures["kld_transformers"] <= 1e-6 and figures["top1_transformers"] == 1.0, figures
     assert figures["max_abs_diff_transformers"] < 1e-3, figures
 
@@ -42,7 +49,7 @@ def test_f16_conversion_matches_llamacpp(family, llama_cpp):
     assert figures["kld_llamacpp"] <= 0.01 and figures["top1_llamacpp"] >= 0.95, figures
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "phi3", "phi3-long", "mistral"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3moe", "gemma2", "phi3", "phi3-long", "mistral"])
 def test_forward_paths_agree_on_converted_file(family, monkeypatch):
     """The autograd path (Fisher), the inference path with the compiled kernels and without them
     (torch's ops, blocked attention) give the float64 forward's logits to float32 rounding on the

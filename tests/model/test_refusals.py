@@ -47,12 +47,16 @@ REFUSED = [
     ("qwen3", dict(add_tensors={"blk.1.ffn_up.bias": np.ones(256)}), "blk.1.ffn_up.bias"),
     ("gemma2", dict(add_tensors={"rope_freqs.weight": np.ones(24)}), "rope_freqs.weight"),
     ("phi3", dict(add_tensors={"blk.2.attn_q_norm.weight": np.ones(32)}), "blk.2.attn_q_norm.weight"),
+    ("qwen3moe", dict(add_tensors={"blk.0.ffn_gate_inp_shexp.weight": np.ones(96)}), "blk.0.ffn_gate_inp_shexp.weight"),
     # a metadata key q-psa does not know (an attention variant, a soft-cap where the arch has none)
     ("llama3", dict(set_keys={"llama.attention.scale": (0.5, F32)}), "llama.attention.scale"),
     ("llama2", dict(set_keys={"llama.final_logit_softcapping": (30.0, F32)}), "llama.final_logit_softcapping"),
     ("qwen3", dict(set_keys={"qwen3.attention.sliding_window": (16, U32)}), "qwen3.attention.sliding_window"),
     ("phi3", dict(set_keys={"phi3.attn_logit_softcapping": (50.0, F32)}), "phi3.attn_logit_softcapping"),
     ("gemma2", dict(set_keys={"gemma2.attention.clamp_kqv": (8.0, F32)}), "gemma2.attention.clamp_kqv"),
+    ("qwen3moe", dict(set_keys={"qwen3moe.attention.sliding_window": (16, U32)}), "qwen3moe.attention.sliding_window"),
+    # routing other than qwen3moe's (softmax, top-k, renormalized): sigmoid gating
+    ("qwen3moe", dict(set_keys={"qwen3moe.expert_gating_func": (2, U32)}), "qwen3moe.expert_gating_func"),
     # a known key at a value q-psa does not implement
     ("mistral", dict(set_keys={"llama.expert_count": (8, U32)}), "llama.expert_count"),
     ("qwen2", dict(set_keys={"qwen2.attention.causal": (False, BOOL)}), "qwen2.attention.causal"),
@@ -62,6 +66,7 @@ REFUSED = [
     ("gemma2", dict(set_keys={"gemma2.rope.scaling.type": ("su", STR)}), "gemma2.rope.scaling.type"),
     # a needed tensor missing
     ("phi3", dict(drop=("blk.0.attn_qkv.weight",)), "blk.0.attn_qkv.weight"),
+    ("qwen3moe", dict(drop=("blk.1.ffn_gate_inp.weight",)), "blk.1.ffn_gate_inp.weight"),
 ]
 
 
@@ -85,6 +90,8 @@ COMPUTED = [
     ("qwen2", {"qwen2.rope.scaling.attn_factor": (1.5, F32)}, True),
     ("phi3", {"phi3.rope.scaling.original_context_length": (16, U32)}, True),  # the long factors from 17 tokens on
     ("qwen3", {"qwen3.rope.scaling.type": ("none", STR), "qwen3.rope.scaling.factor": (4.0, F32)}, False),  # "none" never scales
+    ("qwen3moe", {"qwen3moe.expert_used_count": (3, U32)}, True),  # three experts per token
+    ("qwen3moe", {"qwen3moe.expert_gating_func": (1, U32), "qwen3moe.expert_weights_norm": (True, BOOL)}, False),  # its own
 ]
 
 
