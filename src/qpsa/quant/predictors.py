@@ -26,7 +26,7 @@ imatrix-weighted where the session has an importance matrix); n is the number of
 * `qpsa_curvature` Q-PSA's grid curvature times the error: per weight matrix, probes of N weights
                    moved ±1 grid step with random signs give the mean per-weight ½(ΔNLL(+)+ΔNLL(−)),
                    divided by the mean squared move that is a per-weight curvature c (½ diag H on
-                   average); the prediction is c · Σ E². Only the seven matrices of the layers
+                   average); the prediction is c · Σ E². Only the matrices of the layers
                    (Q-PSA does not move the embedding or the head).
 
 Costs are counted twice. In forward equivalents: the passes over the measured windows each input
