@@ -128,7 +128,7 @@ def test_not_a_gguf(capsys, tmp_path):
 def test_unsupported_architecture(capsys, tmp_path, prose):
     path = write_tiny_gguf(tmp_path / "falcon.gguf", "falcon")
     code, _, err = run(capsys, "ppl", path, "--text", prose, "--ctx", 32)
-    assert_user_error(code, err, "falcon", "llama, qwen2, gemma3")
+    assert_user_error(code, err, "falcon", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 @pytest.mark.parametrize("case", malformed_cases(), ids=lambda c: c.name)

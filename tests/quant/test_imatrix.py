@@ -294,3 +294,27 @@ def _compare(theirs: Imatrix, ours: Imatrix):
         total = max(total, (abs(a.sum() / b.sum() - 1), n))
         column = max(column, (float((abs(a - b) / b).max()), n))
     return total[0], total[1], column[0], column[1]
+
+
+@requires("llama-imatrix")
+def test_phi3_fused_matrices_equal_llama_imatrix(tmp_path, capsys, one_thread):
+    """A phi3 file stores q|k|v as its own attn_qkv.weight and gate|up as ffn_up.weight: q-psa's
+    imatrix names them as llama-imatrix does (on llama.cpp's own converted tiny Phi-3), with the
+    same counts and sums within 0.1% (llama.cpp run with float32 keys and values)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    from helpers.converted import converted
+
+    model = converted("phi3")
+    text = tmp_path / "prose.txt"
+    text.write_text(PROSE)
+    theirs, ours = tmp_path / "llama.gguf", tmp_path / "qpsa.gguf"
+    run_tool("llama-imatrix", "-m", model, "-f", text, "-c", 64, "--chunks", 2, "-t", 1, "--no-ppl", "-o", theirs,
+             "-ctk", "f32", "-ctv", "f32", "-fa", "off", timeout=120)  # float32 keys and values, as q-psa's
+    code, _, err = cli(capsys, "imatrix", model, "--text", text, "--ctx", 64, "--chunks", 2, "--output", ours, "--json")
+    assert code == 0, err
+    a, b = read_imatrix(ours), read_imatrix(theirs)
+    assert a.names == b.names and "blk.0.attn_qkv.weight" in a.names and "blk.0.ffn_gate.weight" not in a.names
+    for n in a.names:
+        assert a.counts[n].tolist() == b.counts[n].tolist(), n
+        np.testing.assert_allclose(a.in_sum2[n], b.in_sum2[n], rtol=1e-3, atol=1e-3 * float(b.in_sum2[n].max()))

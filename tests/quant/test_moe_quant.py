@@ -187,3 +187,16 @@ def test_imatrix_and_requantize_equal_llama_cpp(tmp_path, capsys):
 
 
 N_EXPERT_WRITTEN = 8  # write_tiny_gguf's default expert count
+
+
+def test_predictors_on_moe_model_are_a_user_error(moe, capsys, tmp_path):
+    """The predictors have no per-expert gradient slices or imatrix weighting: one line, exit 2, before
+    anything is measured (`predictors`, and `plan --estimator`)."""
+    path, text = moe
+    code, _, err = cli(capsys, "predictors", path, "--types", "q4_0", "--text", text, "--ctx", 32, "--chunks", 2,
+                       "--out", tmp_path / "p")
+    assert_user_error(code, err, "mixture-of-experts")
+    code, _, err = cli(capsys, "plan", path, "--types", "q8_0", "q4_0", "--target-bpw", "6", "--text", text, "--ctx", 32,
+                       "--chunks", 1, "--estimator", "fisher_kl", "--out", tmp_path / "e")
+    assert_user_error(code, err, "mixture-of-experts")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").glob("*.json"))

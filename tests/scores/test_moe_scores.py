@@ -14,7 +14,6 @@ from helpers.tiny import PROSE, write_tiny_gguf
 
 from qpsa.gguf.quants import dequantize
 from qpsa.model.load import load_model
-from qpsa.model.moe import MOE_MATRICES
 from qpsa.model.transformer import Transformer
 from qpsa.scores.base import ScoreSettings, eval_tokens, token_nll
 from qpsa.scores.baselines import block_influence, clear_cache, fisher, layer_ablation, weight_norm
@@ -28,6 +27,9 @@ from qpsa.sources.texts import EvalText
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDENTITY = 1
+# an MoE layer's matrices: attention, the router and the three stacked expert tensors (ModelConfig.matrices)
+MOE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                "ffn_down_exps")
 
 
 @pytest.fixture(scope="module")

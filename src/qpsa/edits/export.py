@@ -35,8 +35,8 @@ def write_layers(gguf_file: GGUFFile, keep: list[int], out: str | os.PathLike) -
     for key, value in md.items():
         if key.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layer:
             metadata[key] = [value[i] for i in keep]
-    if arch == "gemma3" and config.swa_layers:
-        key = "gemma3.attention.sliding_window_pattern"
+    if arch in ("gemma2", "gemma3") and config.swa_layers:  # each kept layer keeps its attention type
+        key = f"{arch}.attention.sliding_window_pattern"
         metadata[key] = [bool(config.swa_layers[i]) for i in keep]
         types[key] = (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
 

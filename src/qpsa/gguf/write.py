@@ -7,8 +7,8 @@ layer listed twice is written twice (its weights duplicated), which is how llama
 repeated layer.
 Metadata is copied with its value types; `{arch}.block_count` is set to len(keep), and every
 per-layer array under `{arch}.` (one entry per layer, e.g. per-layer head counts) is filtered the
-same way. For gemma3 the sliding-window layout is written explicitly as
-`gemma3.attention.sliding_window_pattern` (one bool per layer, true = sliding window), so each kept
+same way. For gemma2 and gemma3 the sliding-window layout is written explicitly as
+`{arch}.attention.sliding_window_pattern` (one bool per layer, true = sliding window), so each kept
 layer keeps its attention type even where removing layers shifts the every-sixth-layer default.
 """
 

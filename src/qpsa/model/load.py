@@ -82,14 +82,15 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (c.vocab_size, c.n_embd), "output_norm.weight": (c.n_embd,)}
     for i in range(c.n_layer):
         p = f"blk.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (c.n_embd,),
-            p + "attn_q.weight": (q, c.n_embd),
-            p + "attn_k.weight": (kv, c.n_embd),
-            p + "attn_v.weight": (kv, c.n_embd),
-            p + "attn_output.weight": (c.n_embd, q),
-            p + "ffn_norm.weight": (c.n_embd,),
-        }
+        shapes[p + "attn_norm.weight"] = (c.n_embd,)
+        if c.fused_qkv:
+            shapes[p + "attn_qkv.weight"] = (q + 2 * kv, c.n_embd)
+        else:
+            shapes |= {p + "attn_q.weight": (q, c.n_embd), p + "attn_k.weight": (kv, c.n_embd),
+                       p + "attn_v.weight": (kv, c.n_embd)}
+        if c.qkv_bias:
+            shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+        shapes |= {p + "attn_output.weight": (c.n_embd, q), p + "ffn_norm.weight": (c.n_embd,)}
         if c.n_expert:  # the router and the experts' matrices stacked (expert, rows, row length)
             E, F = c.n_expert, c.n_ff_exp
             shapes |= {
@@ -98,12 +99,11 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "ffn_up_exps.weight": (E, F, c.n_embd),
                 p + "ffn_down_exps.weight": (E, c.n_embd, F),
             }
+        elif c.fused_gate_up:
+            shapes |= {p + "ffn_up.weight": (2 * c.n_ff, c.n_embd), p + "ffn_down.weight": (c.n_embd, c.n_ff)}
         else:
-            shapes |= {
-                p + "ffn_gate.weight": (c.n_ff, c.n_embd),
-                p + "ffn_up.weight": (c.n_ff, c.n_embd),
-                p + "ffn_down.weight": (c.n_embd, c.n_ff),
-            }
+            shapes |= {p + "ffn_gate.weight": (c.n_ff, c.n_embd), p + "ffn_up.weight": (c.n_ff, c.n_embd),
+                       p + "ffn_down.weight": (c.n_embd, c.n_ff)}
         if c.qk_norm:
             shapes |= {p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,)}
         if c.post_norms:
@@ -111,12 +111,33 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def optional_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensors the forward uses where the file has them: a separate output head (else token_embd
+    is reused); for llama, Llama 3.x's rope frequency factors; for phi3, longrope's frequency
+    factors for windows up to the original context and past it (Phi-3 "4k" files have none)."""
+    shapes = {"output.weight": (config.vocab_size, config.n_embd)}
+    if config.arch == "llama":
+        shapes["rope_freqs.weight"] = (config.rope_dim // 2,)
+    if config.arch == "phi3":
+        shapes |= {f"rope_factors_{s}.weight": (config.rope_dim // 2,) for s in ("short", "long")}
+    return shapes
+
+
 def _check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> None:
+    """Every needed tensor present with its shape, and no tensor the forward would not use."""
     have = gguf_file.tensors
-    for name, shape in expected_tensors(config).items():
+    expected = expected_tensors(config)
+    for name, shape in expected.items():
         if name not in have:
             raise QpsaError(f"{gguf_file.path}: tensor {name} is missing (a {config.arch} model needs it)")
         if tuple(have[name].shape) != shape:
             raise QpsaError(f"{gguf_file.path}: tensor {name} has shape {have[name].shape}, expected {shape}")
-    if "output.weight" in have and tuple(have["output.weight"].shape) != (config.vocab_size, config.n_embd):
-        raise QpsaError(f"{gguf_file.path}: output.weight has shape {have['output.weight'].shape}")
+    optional = optional_tensors(config)
+    for name in have:
+        if name in expected:
+            continue
+        if name not in optional:
+            raise QpsaError(f"{gguf_file.path}: tensor {name} is not used by q-psa's {config.arch} forward; "
+                            "refusing rather than ignoring it")
+        if tuple(have[name].shape) != optional[name]:
+            raise QpsaError(f"{gguf_file.path}: tensor {name} has shape {have[name].shape}, expected {optional[name]}")

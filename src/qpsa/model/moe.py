@@ -34,29 +34,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The matrices of one layer, as named in GGUF files (blk.{i}.{name}.weight), and the fused
-# tensors the forward multiplies by. The dense names come first so their indices never change.
-DENSE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-EXPERT_MATRICES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-MOE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", *EXPERT_MATRICES)
-ALL_MATRICES = (*DENSE_MATRICES, "ffn_gate_inp", *EXPERT_MATRICES)
-DENSE_FUSED = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
-MOE_FUSED = ("attn_qkv", "attn_output", "ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps")
 WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k sum to the smallest normal float16
 
 
-def layer_matrices(config) -> tuple[str, ...]:
-    """The weight matrices of one layer of this model (the router and the stacked experts for MoE)."""
-    return MOE_MATRICES if config.n_expert else DENSE_MATRICES
-
-
-def fused_matrices(config) -> tuple[str, ...]:
-    """The tensors one layer's forward multiplies by (per-name matrices are views of them)."""
-    return MOE_FUSED if config.n_expert else DENSE_FUSED
-
-
-def fuse_experts(weights: dict[str, torch.Tensor], n_layer: int) -> None:
-    """Store each layer's ffn_gate_exps | ffn_up_exps as one (E, 2F, C) tensor; the named entries become views."""
+def fuse_experts(weights: dict[str, torch.Tensor], n_layer: int) -> list[str]:
+    """Store each layer's ffn_gate_exps | ffn_up_exps as one (E, 2F, C) tensor; the named entries become
+    views. Returns the names of the fused tensors it made."""
+    made = []
     for i in range(n_layer):
         p = f"blk.{i}."
         if p + "ffn_gate_exps.weight" not in weights or p + "ffn_up_exps.weight" not in weights:
@@ -67,6 +51,8 @@ def fuse_experts(weights: dict[str, torch.Tensor], n_layer: int) -> None:
         n = gate.shape[1]
         weights[p + "ffn_gate_exps.weight"] = whole[:, :n]
         weights[p + "ffn_up_exps.weight"] = whole[:, n:]
+        made.append(p + "ffn_gate_up_exps.weight")
+    return made
 
 
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ class Transformer:
         self.weights: dict[str, torch.Tensor] = {}
         for name, tensor in weights.items():
             self.weights[name] = tensor.to(dtype)
+        self.fused_names: set[str] = set()  # entries made here (fused copies, aliases), not tensors of the file
         self._fuse()
         if "output.weight" not in self.weights:  # tied embeddings: the head reuses token_embd
             self.weights["output.weight"] = self.weights["token_embd.weight"]
@@ -44,7 +45,7 @@ class Transformer:
         self.linear_hook = None
         self.expert_hook = None  # the same for the experts' matmuls of an MoE layer (qpsa.model.moe)
         self.route_observer = None  # (layer, selected experts (B, T, k)) on every MoE layer
-        self._rope_freqs = self.weights.get("rope_freqs.weight")
+        self._rope_freqs = self.weights.get("rope_freqs.weight")  # llama 3.x frequency factors
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -62,17 +63,21 @@ class Transformer:
                     continue
                 whole = torch.cat([w[p + n] for n in parts], dim=0).contiguous()
                 w[p + fused] = whole
+                self.fused_names.add(p + fused)
                 start = 0
                 for n in parts:
                     rows = w[p + n].shape[0]
                     w[p + n] = whole[start : start + rows]
                     start += rows
-        fuse_experts(w, self.config.n_layer)
+            if self.config.fused_gate_up:  # phi3: the file's ffn_up is gate|up already
+                w[p + "ffn_gate_up.weight"] = w[p + "ffn_up.weight"]
+                self.fused_names.add(p + "ffn_gate_up.weight")
+        self.fused_names.update(fuse_experts(w, self.config.n_layer))
 
     def layer_names(self, i: int) -> list[str]:
         """GGUF names of the tensors of layer i (views, not the fused copies)."""
         p = f"blk.{i}."
-        return [n for n in self.weights if n.startswith(p) and not is_fused(n)]
+        return [n for n in self.weights if n.startswith(p) and n not in self.fused_names]
 
     # ---- pieces of the forward -------------------------------------------------------------
 
@@ -110,7 +115,9 @@ class Transformer:
             q, k = qk.split([H, K], dim=2)  # (B, T, H, D), (B, T, K, D)
         window = cfg.sliding_window if local and T > cfg.sliding_window else None
         att = None
-        if fast:  # the compiled kernel where it builds, else blocked torch attention
+        if cfg.attn_softcap:  # gemma2: capped scores, computed whole (no kernel or flash path caps them)
+            att = softcap_attention(q, k, v, cfg.scale, cfg.attn_softcap, positions, window)
+        elif fast:  # the compiled kernel where it builds, else blocked torch attention
             att = kernel_attention(q, k, v, cfg.scale, window or 0)  # (B, T, H·D)
             if att is None and window is None:
                 att = causal_attention(q, k, v, cfg.scale)
@@ -233,8 +240,9 @@ class Transformer:
         for fused, parts in FUSED_PARTS:
             if name in parts:
                 start = 0
-                for part in parts[: parts.index(name)]:
-                    start += self.weights[f"blk.{i}.{part}.weight"].shape[-2]
+                for part in parts[: parts.index(name)]:  # (phi3's ffn_up is all of gate|up: no ffn_gate)
+                    before = self.weights.get(f"blk.{i}.{part}.weight")
+                    start += 0 if before is None else before.shape[-2]
                 return fused, start
         return name, 0
 
@@ -250,10 +258,15 @@ class Transformer:
         if key not in self._rope_cache:
             n = cfg.rope_dim // 2
             inv_freq = base ** (-torch.arange(n, dtype=torch.float64) * 2 / cfg.rope_dim)  # (D/2,)
-            if self._rope_freqs is not None and not local:  # llama 3.x frequency factors
-                inv_freq = inv_freq / self._rope_freqs.to(torch.float64)[:n]
+            factors = self._rope_freqs
+            if cfg.rope_original_context:  # longrope: as llama.cpp, long factors past the original context
+                factors = self.weights.get("rope_factors_long.weight" if key[0] > cfg.rope_original_context
+                                           else "rope_factors_short.weight")
+            if factors is not None and not local:
+                inv_freq = inv_freq / factors.to(torch.float64)[:n]
             angles = torch.arange(key[0], dtype=torch.float64)[:, None] / scale * inv_freq  # (T, D/2)
-            self._rope_cache[key] = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
+            m = cfg.rope_attn_factor  # llama.cpp scales cos and sin by it (so q·k by its square)
+            self._rope_cache[key] = ((angles.cos() * m).to(self.dtype), (angles.sin() * m).to(self.dtype))
         cos, sin = self._rope_cache[key]
         return cos[positions], sin[positions]  # (T, D/2) each
 
@@ -300,11 +313,6 @@ FUSED_PARTS = (("attn_qkv", ("attn_q", "attn_k", "attn_v")), ("ffn_gate_up", ("f
                ("ffn_gate_up_exps", ("ffn_gate_exps", "ffn_up_exps")))
 
 
-def is_fused(name: str) -> bool:
-    """True for the fused copies (attn_qkv, ffn_gate_up, ffn_gate_up_exps) whose parts have their own names."""
-    return "_qkv." in name or "_gate_up." in name or "_gate_up_exps." in name
-
-
 ATTENTION_BLOCK = 32  # query positions per block in causal_attention
 HEAD_CHUNK = 1024  # vocabulary rows per output-head matmul in Transformer.head_nll
 
@@ -341,6 +349,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.view(B, K, T, G, D).transpose(1, 2).reshape(B, T, H * D)
 
 
+def softcap_attention(q, k, v, scale: float, cap: float, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention with soft-capped scores, as llama.cpp computes Gemma 2's: s = q·k·scale,
+    s ← tanh(s / cap)·cap, masked (and limited to `window` where given), softmax, times v.
+    q (B, T, H, D), k and v (B, T, K, D) -> (B, T, H·D); works with and without autograd."""
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    qh = q.transpose(1, 2)  # (B, H, T, D)
+    kh = k.transpose(1, 2).repeat_interleave(G, dim=1)  # (B, H, T, D)
+    vh = v.transpose(1, 2).repeat_interleave(G, dim=1)
+    scores = torch.tanh(torch.matmul(qh, kh.transpose(-1, -2)) * (scale / cap)) * cap  # (B, H, T, T)
+    dist = positions[:, None] - positions[None, :]  # (T, T)
+    visible = (dist >= 0) & (dist < window) if window else dist >= 0
+    scores = scores.masked_fill(~visible, -math.inf)
+    out = torch.matmul(torch.softmax(scores, dim=-1), vh)  # (B, H, T, D)
+    return out.transpose(1, 2).reshape(B, T, H * D)
+
+
 def token_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL of each position, logsumexp(z) − z[target], from logits z (..., V) and targets (...).
 
@@ -361,7 +386,7 @@ def token_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def param_count(model: Transformer) -> int:
     seen, total = set(), 0
     for name, t in model.weights.items():
-        if is_fused(name) or id(t) in seen:
+        if name in model.fused_names or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel()

@@ -4,9 +4,10 @@ For every weight matrix W (out × in) that llama-imatrix watches, the matrix hol
 column j, the sum over the rows x (activations entering W) that it saw of x_j², and the number of
 such rows; llama-quantize weights each column's rounding error by in_sum2_j / count.
 
-Which matrices: every matmul weight of a layer (`blk.N.*`): attn_q, attn_k, attn_v,
-attn_output, ffn_gate, ffn_up, ffn_down. q, k and v share one input, as gate and up do, so their
-sums are equal. The output head and the token embedding are not collected (llama-imatrix's
+Which matrices: every matmul weight of a layer (`blk.N.*`) as the file names it: attn_q, attn_k,
+attn_v, attn_output, ffn_gate, ffn_up, ffn_down (phi3: attn_qkv, attn_output, ffn_up = gate|up,
+ffn_down; an MoE layer: the router and the stacked experts). q, k and v share one input, as gate
+and up do, so their sums are equal. The output head and the token embedding are not collected (llama-imatrix's
 default; `--process-output` adds the head).
 
 Which rows (llama-imatrix's `compute_imatrix` with its defaults -b 2048 -ub 512):
@@ -340,7 +341,8 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
 
     in_sum2, in_sum, counts = {}, {}, {}
     for (layer, fused), s2 in sum2.items():
-        for part in SHARED_INPUT[fused]:
+        parts = [p for p in SHARED_INPUT[fused] if f"blk.{layer}.{p}.weight" in model.weights]
+        for part in parts or [fused]:  # none: the file stores the fused matrix itself (phi3's attn_qkv)
             name = f"blk.{layer}.{part}.weight"
             if name in model.weights:  # (n_mat, in): one row, or one per expert
                 in_sum2[name] = s2.float().numpy().reshape(-1, s2.shape[-1])

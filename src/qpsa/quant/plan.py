@@ -302,9 +302,10 @@ def _estimate_and_measure(session, groups, qtypes, granularity: str, resume: boo
     it against). It stops when a round's choice and its neighbours are all measured."""
     import numpy as np
 
-    from qpsa.quant.predictors import Predictors, check_predictor
+    from qpsa.quant.predictors import Predictors, check_model, check_predictor
 
     check_predictor(estimator)
+    check_model(session.loaded)
     start = time.perf_counter()
     ref = session.reference()
     pred = Predictors(session.loaded, session.windows, session.reference_seconds or math.nan, session.imatrix, draws,

@@ -29,7 +29,7 @@ imatrix-weighted where the session has an importance matrix); n is the number of
 * `qpsa_curvature` Q-PSA's grid curvature times the error: per weight matrix, probes of N weights
                    moved ±1 grid step with random signs give the mean per-weight ½(ΔNLL(+)+ΔNLL(−)),
                    divided by the mean squared move that is a per-weight curvature c (½ diag H on
-                   average); the prediction is c · Σ E². Only the seven matrices of the layers
+                   average); the prediction is c · Σ E². Only the matrices of the layers
                    (Q-PSA does not move the embedding or the head).
 
 Costs are counted twice. In forward equivalents: the passes over the measured windows each input
@@ -63,7 +63,16 @@ NEEDS = {"imatrix_error": "imatrix", "grad_first": "gradients", "grad_first_sq":
          "fisher_diag": "gradients", "fisher_kl": "draws", "fisher_kl_diag": "draws", "qpsa_curvature": "qpsa"}
 DEFAULT_DRAWS = 2  # label draws per window for fisher_kl
 QPSA_PROBES, QPSA_N = 2, 64  # Q-PSA probes per matrix and weights moved per probe (predictor setting)
-_MATRIX = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+# a layer's matrices (phi3's attn_qkv is a file tensor of its own: Q-PSA moves it, its gradient is its own)
+_MATRIX = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+
+
+def check_model(loaded) -> None:
+    """QpsaError for a model the predictors do not cover: mixture-of-experts layers (their stacked
+    expert tensors have no per-expert gradient slices or imatrix weighting here yet)."""
+    if loaded.config.n_expert:
+        raise QpsaError(f"the predictors do not support mixture-of-experts models ({loaded.config.arch}) yet; "
+                        "measure with `q-psa sensitivity`, or `q-psa plan` without --estimator")
 
 
 def check_predictor(name: str) -> str:
@@ -94,6 +103,7 @@ class Predictors:
                  seed: int = 0, progress: Progress = SILENT):
         if draws < 1:
             raise QpsaError(f"--draws must be at least 1 (got {draws})")
+        check_model(loaded)
         self.loaded, self.windows, self.imatrix = loaded, windows, imatrix
         self.forward_seconds = forward_seconds  # one reference pass over `windows`
         self.draws, self.seed, self.progress = draws, seed, progress
@@ -413,6 +423,7 @@ def compare_predictors(session, qtypes: list, granularity: str, names: list[str]
 
     for n in names:
         check_predictor(n)
+    check_model(session.loaded)
     groups = quant_groups(session.loaded, granularity)
     measured, seconds = {}, {}
     for qtype in qtypes:

@@ -43,9 +43,14 @@ class LlamaCppPerplexity:
 
 
 class LlamaCpp:
-    """A llama.cpp model and context with `ctx` positions, on `threads` CPU threads."""
+    """A llama.cpp model and context with `ctx` positions, on `threads` CPU threads.
 
-    def __init__(self, path, ctx: int = 512, threads: int | None = None):
+    `f32_attention`: keep keys and values in float32 and turn flash attention off (llama.cpp's
+    defaults store them in float16 and may use its flash kernel, which rounds to float16): the
+    forward in float32 throughout, for checking another engine's arithmetic rather than llama.cpp's
+    cache precision."""
+
+    def __init__(self, path, ctx: int = 512, threads: int | None = None, f32_attention: bool = False):
         lc = self.lc = _llama_cpp()
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
@@ -60,6 +65,9 @@ class LlamaCpp:
         cparams.n_seq_max = 1
         threads = threads or os.cpu_count()
         cparams.n_threads = cparams.n_threads_batch = threads
+        if f32_attention:
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+            cparams.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx_ptr = lc.llama_init_from_model(self.model, cparams)
         self.n_ctx = ctx
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.model.config import ModelConfig
+from qpsa.model.config import DENSE_MATRICES, ModelConfig
 from qpsa.model.load import LoadedModel
-from qpsa.model.moe import DENSE_FUSED, DENSE_MATRICES, fused_matrices, layer_matrices
 from qpsa.progress import SILENT, Advance, Progress, no_progress
 from qpsa.scores.base import EvalTokens, LayerScores, LayerStates, ScoreSettings, ppl_of, token_nll
 from qpsa.scores.registry import find_method, method_names
@@ -41,11 +40,11 @@ from qpsa.stats import mean_se
 if TYPE_CHECKING:
     from qpsa.scores.results import ScoreRun
 
-# The weight matrices of a dense layer, as named in GGUF files (blk.{i}.{name}.weight), and the
-# fused tensors the forward actually multiplies by (the per-name entries are views of them); an
-# MoE layer has the router and its stacked experts instead (`qpsa.model.moe.layer_matrices`).
+# The seven weight matrices of a dense layer in most architectures, as named in GGUF files
+# (blk.{i}.{name}.weight); a model's own are ModelConfig.matrices (phi3 has four: attn_qkv, attn_output,
+# ffn_up = gate|up, ffn_down; an MoE layer the router and its stacked experts for the FFN), and the fused
+# tensors its forward multiplies by ModelConfig.fused_matrices (the per-name entries are views of them).
 MATRICES = DENSE_MATRICES
-FUSED = DENSE_FUSED
 FISHER_GROUPS = 8  # contiguous token groups for the fisher jackknife
 ABLATION_BATCH_BYTES = 1 << 30  # activation memory one batch of layer ablations may use
 # Most ablations run side by side in one batch. On a 2-core CPU a layer costs 25 ms per element at
@@ -210,7 +209,7 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
     layer's: the router and every expert)."""
     start = time.perf_counter()
     w = loaded.model.weights
-    matrices = layer_matrices(loaded.config)
+    matrices = loaded.config.matrices
     scores, per_matrix = [], {m: [] for m in matrices}
     for i in range(loaded.config.n_layer):
         total = 0.0
@@ -221,8 +220,8 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
         scores.append(math.sqrt(total))
         advance(steps=1)
     return LayerScores("weight_norm", scores, [None] * len(scores),
-                       f"Frobenius norm of the {len(matrices)} dequantized weight matrices together", time.perf_counter() - start,
-                       {"per_matrix": per_matrix})
+                       f"Frobenius norm of the {len(matrices)} dequantized weight matrices together",
+                       time.perf_counter() - start, {"per_matrix": per_matrix})
 
 
 def random_scores(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
@@ -317,8 +316,8 @@ def fisher(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
     K, bounds, prefixes = _fisher_plan(T)
     units = _fisher_units(cfg, T)
     n = T - 1
-    matrices = layer_matrices(cfg)
-    names = [f"blk.{i}.{f}.weight" for i in range(L) for f in fused_matrices(cfg)]
+    matrices = cfg.matrices
+    names = [f"blk.{i}.{f}.weight" for i in range(L) for f in cfg.fused_matrices]
     params = [model.weights[nm] for nm in names]
     was = [p.requires_grad for p in params]
 

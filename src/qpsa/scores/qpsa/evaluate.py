@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from qpsa.model.moe import EXPERT_MATRICES
+from qpsa.model.config import EXPERT_MATRICES
 from qpsa.scores.base import LayerStates
 from qpsa.scores.qpsa.moves import Move
 from qpsa.scores.qpsa.settings import DEFAULT_BATCH
@@ -127,10 +127,10 @@ class Evaluator:
 
 def other_precision(model) -> torch.nn.Module:
     """A copy of `model` in the other float precision (float32 <-> float64), for the noise floor."""
-    from qpsa.model.transformer import Transformer, is_fused
+    from qpsa.model.transformer import Transformer
 
     other = torch.float64 if model.dtype == torch.float32 else torch.float32
     w = model.weights
-    weights = {k: v for k, v in w.items() if not is_fused(k)
+    weights = {k: v for k, v in w.items() if k not in model.fused_names
                and not (k == "output.weight" and v is w.get("token_embd.weight"))}
     return Transformer(model.config, weights, dtype=other)

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.model.moe import layer_matrices
 from qpsa.progress import Advance, no_progress
 from qpsa.scores.base import EvalTokens, LayerScores
 from qpsa.scores.qpsa.evaluate import Evaluator
@@ -115,7 +114,7 @@ def score_qpsa(
     start = time.perf_counter()
     model, file = loaded.model, loaded.file
     L = loaded.config.n_layer
-    settings = dataclasses.replace(settings, matrices=layer_matrices(loaded.config))
+    settings = dataclasses.replace(settings, matrices=loaded.config.matrices)  # MoE: router, experts; phi3: fused
     layers = list(range(L)) if layers is None else list(layers)
     if model.dtype != settings.dtype:
         raise QpsaError(f"the model is in {model.dtype} but the settings ask for {settings.resolved_precision}")

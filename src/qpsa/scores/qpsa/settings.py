@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qpsa.errors import QpsaError
-from qpsa.model.moe import ALL_MATRICES, DENSE_MATRICES
+from qpsa.model.config import ALL_MATRICES, DENSE_MATRICES
 
-MATRICES = DENSE_MATRICES  # a dense layer's; an MoE layer's are qpsa.model.moe.MOE_MATRICES
+MATRICES = DENSE_MATRICES  # a dense layer's seven; a model's own are ModelConfig.matrices (MoE, phi3)
 # each matrix's number in the sample streams' seeds (the dense ones first, so their draws never change)
 MATRIX_IDS = {m: k for k, m in enumerate(ALL_MATRICES)}
 UNITS = ("weight", "block", "byte")
@@ -42,7 +42,7 @@ class QpsaSettings:
     precision: str | None = None  # None: float64 for exact, float32 for probe
     batch_size: int = DEFAULT_BATCH
     probe_scope: str = "layer"
-    # the layer's matrices: set from the model by score_qpsa (`qpsa.model.moe.layer_matrices`)
+    # the layer's matrices: set from the model by score_qpsa (ModelConfig.matrices); not a setting of the numbers
     matrices: tuple[str, ...] = field(default=MATRICES, compare=False)
 
     def __post_init__(self):
