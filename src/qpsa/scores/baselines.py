@@ -62,7 +62,7 @@ def layer_states(loaded: LoadedModel, tokens: EvalTokens, advance: Advance = no_
     was changed (in place or by replacing the tensor) are never returned. `advance` gets one step
     per layer when the states are computed, nothing when they come from the cache."""
     model, ids = loaded.model, tokens.tokens
-    weights = tuple((id(t), t._version) for t in model.weights.values())
+    weights = model.weights.fingerprint()
     ref = _cache.get("model")
     if (ref is not None and ref() is model and _cache["weights"] == weights
             and _cache["tokens"].shape == ids.shape and torch.equal(_cache["tokens"], ids)):
