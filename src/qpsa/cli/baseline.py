@@ -20,7 +20,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    TextOpt,
+    check_text_choice,
+    compute_options,
+    model_stem,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 from qpsa.scores.registry import find_method, method_names
 
@@ -66,6 +79,9 @@ def baseline(
     dataset: DatasetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV is written beside it); "
                                                     "default baseline-MODEL.json here")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Baseline layer-importance scores (ablation, weight norm, random, ShortGPT block influence,
@@ -78,6 +94,7 @@ def baseline(
     if n < 1:
         raise QpsaError(f"--n must be at least 1 (got {n})")
     check_text_choice(text, dataset)
+    compute = compute_options(device, dtype, max_memory)
     path = results_path(out, f"baseline-{model_stem(model)}.json", resolve_model(model))
 
     from qpsa.model.load import load_model
@@ -88,7 +105,7 @@ def baseline(
     from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model)
+    loaded = load_model(model, ctx=max_tokens, batch=1, grad="fisher" in names, **compute)
     tokens = eval_tokens(loaded, eval_text, max_tokens)
     if n > loaded.config.n_layer:
         raise QpsaError(f"--n {n} exceeds the model's {loaded.config.n_layer} layers")

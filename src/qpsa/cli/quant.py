@@ -10,10 +10,14 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     TextOpt,
     check_positive,
+    compute_options,
     console,
     model_stem,
     print_json,
@@ -140,6 +144,9 @@ def sensitivity(
     out: Annotated[Optional[str], typer.Option(help="folder for the JSON, CSV and plot (default sensitivity-MODEL)")] = None,
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Requantize one layer (or tensor) at a time and measure the KL divergence and PPL change it causes."""
@@ -148,7 +155,7 @@ def sensitivity(
 
     qtype = qtype_named(to)
     session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json,
-                       imatrix=imatrix)
+                       imatrix=imatrix, compute=compute_options(device, dtype, max_memory))
     result = session.sensitivity(qtype, granularity, resume)
     files = write_sensitivity(session, result)
     if as_json:
@@ -160,13 +167,13 @@ def sensitivity(
 
 
 def _session(model, text, dataset, ctx, chunks, out, default_out, quiet, held_out: bool = False,
-             imatrix: str | None = None):
+             imatrix: str | None = None, compute: dict | None = None):
     from qpsa.quant.session import MeasurementSession
     from qpsa.report.progress import ConsoleProgress
 
     check_positive(ctx=ctx, chunks=chunks)
     return MeasurementSession(model, text, dataset, ctx, chunks, results_folder(out, default_out),
-                              ConsoleProgress(quiet), held_out, imatrix)
+                              ConsoleProgress(quiet), held_out, imatrix, compute)
 
 
 DEFAULT_PLAN_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
@@ -188,6 +195,9 @@ def plan(
     output: Annotated[Optional[str], typer.Option(help="also write the planned GGUF here")] = None,
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out
@@ -206,7 +216,7 @@ def plan(
     elif not (0 < target_bpw < 64):
         raise QpsaError(f"--target-bpw must be between 0 and 64 bits per weight (got {target_bpw})")
     session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True,
-                       imatrix=imatrix)
+                       imatrix=imatrix, compute=compute_options(device, dtype, max_memory))
     if output is not None:
         check_output_path(output, session.loaded.path)
     result = make_plan(session, qtypes, target_bpw, granularity, resume,

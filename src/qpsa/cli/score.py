@@ -13,7 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_text_choice, model_stem, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    TextOpt,
+    check_text_choice,
+    compute_options,
+    model_stem,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 
 
@@ -39,6 +51,8 @@ def score(
     out: Annotated[Optional[str], typer.Option(help="results JSON (a CSV goes beside it); default "
                                                     "score-<model>.json")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt")] = False,
+    device: DeviceOpt = "cpu",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
@@ -92,7 +106,9 @@ def score(
     from qpsa.scores.results import ScoreRun
 
     start = time.perf_counter()
-    loaded = load_model(model, dtype=settings.dtype)
+    compute = compute_options(device, "float32", max_memory)
+    compute["dtype"] = settings.dtype  # Q-PSA's own --precision (float32 or float64)
+    loaded = load_model(model, ctx=max_tokens, batch=batch_size, **compute)
     tokens = eval_tokens(loaded, eval_text, max_tokens)
     header["text"] = {"sha256": eval_text.sha256, "span": tokens.span, "start_token": tokens.start,
                       "n_tokens": int(tokens.tokens.shape[1]),

@@ -9,7 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, ModelArg, TextOpt, console, model_stem, results_folder
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    TextOpt,
+    compute_options,
+    console,
+    model_stem,
+    results_folder,
+)
 from qpsa.errors import QpsaError
 
 
@@ -20,6 +31,9 @@ def study(
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
 ):
     """The original Q-PSA experiment in one command: all methods, pruning and looping tables, agreement, plots."""
     import dataclasses
@@ -35,7 +49,7 @@ def study(
     out_dir = results_folder(out, f"study-{model_stem(model)}")
     eval_text = resolve_text(text, dataset)
     plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
-    loaded = load_model(model)
+    loaded = load_model(model, batch=1, ctx=1024, grad=True, **compute_options(device, dtype, max_memory))
     screen = console()
     screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")

@@ -43,13 +43,15 @@ class MemoryPlan:
     activations: int
     resident: bool
     cache_budget: float  # bytes of dequantized units the cache may keep
+    minimum: int = 0  # the least this run needs (one unit at a time, activations, reserve)
 
     def to_dict(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "available_bytes": self.available,
                 "available_from": self.available_from, "float_model_bytes": self.float_model,
                 "largest_unit_bytes": self.largest_unit, "activation_bytes": self.activations,
                 "weights": "resident" if self.resident else "on demand",
-                "cache_budget_bytes": None if math.isinf(self.cache_budget) else int(self.cache_budget)}
+                "cache_budget_bytes": None if math.isinf(self.cache_budget) else int(self.cache_budget),
+                "minimum_bytes": self.minimum}
 
 
 def activation_bytes(config: ModelConfig, batch: int, ctx: int, dtype: torch.dtype, grad: bool = False) -> int:
@@ -88,7 +90,7 @@ def plan_memory(config: ModelConfig, store, device: torch.device, max_memory: in
     small = sum(g for g in globals_ if g < largest)  # norms and the other global tensors, kept
     minimum = largest + small + activations + reserve
     plan = MemoryPlan(str(device), dtype_name(dtype), available, where, float_model, largest, activations,
-                      resident=False, cache_budget=0.0)
+                      resident=False, cache_budget=0.0, minimum=minimum)
     if float_model + activations + reserve <= available:
         plan.resident, plan.cache_budget = True, math.inf
         return plan

@@ -60,7 +60,7 @@ class LoadedModel:
     def describe(self) -> dict:
         """The model as every output names it: the name asked for, file path and sha256, architecture, layers."""
         return {"name": self.name, "path": str(self.path), "sha256": self.file.sha256,
-                "architecture": self.config.arch, "n_layer": self.config.n_layer}
+                "architecture": self.config.arch, "n_layer": self.config.n_layer, **self.compute()}
 
 
 def load_model(

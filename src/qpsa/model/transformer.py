@@ -163,7 +163,7 @@ class Transformer:
             return token_nll_(self.logits(h), targets)
         C = h.shape[-1]
         x = self._norm(h, self.weights.matrix("output_norm.weight")).reshape(-1, C)  # (R, C)
-        targets = targets.reshape(-1)
+        targets = targets.reshape(-1).to(x.device)
         head = self.weights.matrix("output.weight")  # (V, C)
         V, R = head.shape[0], x.shape[0]
         cap = self.config.final_logit_softcap
@@ -194,7 +194,7 @@ class Transformer:
         """
         if layers is None:
             layers = range(self.config.n_layer)
-        positions = torch.arange(tokens.shape[1])
+        positions = torch.arange(tokens.shape[1], device=self.device)
         h = self.run_layers(self.embed(tokens), layers, positions)
         return self.logits(h[:, logits_from:])
 
@@ -232,8 +232,9 @@ class Transformer:
             if self._rope_freqs is not None and not local:  # llama 3.x frequency factors
                 inv_freq = inv_freq / self._rope_freqs.to(torch.float64)[:n]
             angles = torch.arange(key[0], dtype=torch.float64)[:, None] / scale * inv_freq  # (T, D/2)
-            self._rope_cache[key] = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))
+            self._rope_cache[key] = (angles.cos().to(self.device, self.dtype), angles.sin().to(self.device, self.dtype))
         cos, sin = self._rope_cache[key]
+        positions = positions.to(cos.device)
         return cos[positions], sin[positions]  # (T, D/2) each
 
     def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -259,7 +260,8 @@ class Transformer:
                 rot = torch.cat((first, second), dim=-1)
             return torch.cat((rot, x[..., r:]), dim=-1) if r < x.shape[-1] else rot
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if self.config.rope_interleaved:  # one complex multiply: 7× faster than four strided passes
+        if self.config.rope_interleaved and x.dtype in (torch.float32, torch.float64):  # one complex multiply: 7×
+            # faster than four strided passes (torch has no bfloat16 complex numbers: those take the passes)
             torch.mul(as_complex(x), torch.complex(cos, sin), out=as_complex(out))
         else:
             (a, b), (first, second) = pairs(x), pairs(out)
@@ -271,6 +273,7 @@ class Transformer:
 
     def _window_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """Sliding-window causal mask (T, T), True where a query may attend: 0 <= q - k < window."""
+        positions = positions.to(self.device)
         dist = positions[:, None] - positions[None, :]  # (T, T)
         return (dist >= 0) & (dist < self.config.sliding_window)
 
@@ -293,6 +296,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     B, T, H, D = q.shape
     K = k.shape[2]
+    if q.device.type != "cpu":  # on a GPU, torch's fused (flash / memory-efficient) kernel
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=scale, enable_gqa=H != K)
+        return att.transpose(1, 2).reshape(B, T, H * D)
     G = H // K
     bs = ATTENTION_BLOCK
     q = (q * scale).view(B, T, K, G, D).transpose(1, 2).reshape(B, K, T * G, D)  # rows (t, g)

@@ -157,6 +157,7 @@ class WeightStore(MutableMapping):
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """F.embedding(tokens, token_embd) (…, C), dequantizing only the rows asked for unless cached."""
         unit = "token_embd.weight"
+        tokens = tokens.to(self.device)
         if unit in self._cache or (self._last is not None and self._last[0] == unit):
             return F.embedding(tokens, self.matrix(unit))
         source = self._sources[unit]
