@@ -35,6 +35,7 @@ dequantized unless the whole table is cached.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, MutableMapping
 
 import numpy as np
@@ -104,6 +105,7 @@ class WeightStore(MutableMapping):
         self._last: tuple[int | str, dict[str, torch.Tensor]] | None = None
         self.generation = 0  # bumped on every assignment or deletion
         self.dequantized = 0  # units built so far (cache misses), for tests and reports
+        self.dequantize_seconds = 0.0  # time spent building them (on a GPU: until the kernels were queued)
         self.resident = False
         if budget == float("inf"):
             self.make_resident()
@@ -276,6 +278,13 @@ class WeightStore(MutableMapping):
         """The float tensors of a unit, with q|k|v and gate|up in one buffer each."""
         self.dequantized += 1
         self._last = None  # free the previous transient unit before allocating this one
+        start = time.perf_counter()
+        try:
+            return self._build_unit(unit)
+        finally:
+            self.dequantize_seconds += time.perf_counter() - start
+
+    def _build_unit(self, unit) -> dict[str, torch.Tensor]:
         names = self._units[unit]
         out: dict[str, torch.Tensor] = {}
         if isinstance(unit, int):

@@ -333,8 +333,8 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
         for part in SHARED_INPUT[fused]:
             name = f"blk.{layer}.{part}.weight"
             if name in model.weights:
-                in_sum2[name] = s2.float().numpy()[None, :]
-                in_sum[name] = sum1[(layer, fused)].float().numpy()[None, :]
+                in_sum2[name] = s2.float().cpu().numpy()[None, :]
+                in_sum[name] = sum1[(layer, fused)].float().cpu().numpy()[None, :]
                 counts[name] = np.array([count[(layer, fused)]], dtype=np.int64)
     top = max((int(c.max()) for c in counts.values()), default=0)
     return Imatrix(in_sum2, counts, [dataset], (top + ctx // 2) // ctx, ctx, in_sum)

@@ -175,7 +175,7 @@ class Reference:
                 self.top.append(logp.argmax(-1))
                 nll.append(-logp.gather(-1, self._targets(w))[:, 0])
                 advance()
-        self.nll = torch.cat(nll).numpy()  # (n·S,) float64
+        self.nll = torch.cat(nll).cpu().numpy()  # (n·S,) float64
         self.ppl = math.exp(float(self.nll.mean()))
 
     def _targets(self, w: int) -> torch.Tensor:
@@ -213,9 +213,9 @@ class Reference:
         finally:
             for name, v in saved.items():
                 weights[name].copy_(v)
-        kld = torch.cat(kld).numpy()
-        nll = torch.cat(nll).numpy()
-        same = torch.cat(same).numpy()
+        kld = torch.cat(kld).cpu().numpy()
+        nll = torch.cat(nll).cpu().numpy()
+        same = torch.cat(same).cpu().numpy()
         dnll, dnll_se = mean_se(nll - self.nll)
         kmean, kse = mean_se(kld)
         smean, sse = mean_se(same)
