@@ -87,6 +87,8 @@ def load_model(
     _check_tensors(gguf_file, config)
     device = torch.device(device)
     store = WeightStore(tensors, dtype=dtype, device=device, budget=0.0)
+    if config.context_length:  # a longer --ctx is refused with the windows, after the load
+        ctx = min(ctx, config.context_length)
     plan = plan_memory(config, store, device, max_memory, batch=batch, ctx=ctx, grad=grad)
     if plan.resident:
         store.make_resident()

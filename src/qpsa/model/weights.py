@@ -37,10 +37,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
 FUSED = (
     (("attn_q.weight", "attn_k.weight", "attn_v.weight"), "attn_qkv.weight"),
@@ -50,6 +52,16 @@ FUSED = (
 FUSED_NAMES = tuple(fused for _, fused in FUSED)
 CHUNK_WEIGHTS = 1 << 22  # weights dequantized per step (16 MB of float32)
 _LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor's quantized bytes held in memory (a requantized tensor), read like a `GGUFTensor`."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    qtype: GGMLQuantizationType
+    raw: np.ndarray  # uint8, the GGML layout of qtype
 
 
 def unit_of(name: str) -> int | str:
