@@ -199,3 +199,33 @@ def test_torch_dequantizers_create_nothing_on_another_device():
         blocks = torch.zeros(4, grid.type_size, dtype=torch.uint8, device="meta")
         out = grid.dequantize_torch(blocks)
         assert out.device.type == "meta" and out.shape == (4, grid.block_size), qtype.name
+
+
+def test_fisher_needs_the_whole_model(q8_model):
+    loaded = load_model(str(q8_model), tokenizer=False)
+    store = WeightStore.from_gguf(open_gguf(q8_model), budget=0.0)
+    with pytest.raises(QpsaError, match="for fisher, which needs the whole model in float at once"):
+        plan_memory(loaded.config, store, torch.device("cpu"), max_memory=_tight(q8_model), ctx=24, batch=2,
+                    grad=True, whole="fisher")
+
+
+def test_released_layers_are_rebuilt_from_the_file(q8_model):
+    store = WeightStore.from_gguf(open_gguf(q8_model), budget=0.0)
+    w = store["blk.1.attn_k.weight"]
+    saved = w.clone()
+    w.add_(1.0)
+    assert 1 in store._pinned
+    w.copy_(saved)
+    store.release(["blk.1.attn_k.weight"])
+    assert 1 not in store._pinned and 1 not in store._cache
+    assert torch.equal(store.layer(1)["blk.1.attn_k.weight"], saved)
+
+
+def test_weight_norm_and_noise_floor_copy_do_not_pin(q8_model):
+    from qpsa.scores.qpsa.evaluate import other_precision
+
+    loaded = load_model(str(q8_model), tokenizer=False, max_memory=_tight(q8_model), ctx=24, batch=2)
+    other = other_precision(loaded.model)
+    assert other.dtype == torch.float64 and not other.weights.resident
+    assert torch.equal(other.weights.layer(0)["blk.0.attn_qkv.weight"], loaded.model.weights.layer(0)["blk.0.attn_qkv.weight"].double())
+    assert not loaded.model.weights._pinned

@@ -105,7 +105,8 @@ def baseline(
     from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model, ctx=max_tokens, batch=1, grad="fisher" in names, **compute)
+    loaded = load_model(model, ctx=max_tokens, batch=1, grad="fisher" in names,
+                        whole="fisher" if "fisher" in names else None, **compute)
     tokens = eval_tokens(loaded, eval_text, max_tokens)
     if n > loaded.config.n_layer:
         raise QpsaError(f"--n {n} exceeds the model's {loaded.config.n_layer} layers")

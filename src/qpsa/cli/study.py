@@ -49,7 +49,8 @@ def study(
     out_dir = results_folder(out, f"study-{model_stem(model)}")
     eval_text = resolve_text(text, dataset)
     plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
-    loaded = load_model(model, batch=1, ctx=1024, grad=True, **compute_options(device, dtype, max_memory))
+    loaded = load_model(model, batch=1, ctx=1024, grad=True, whole="fisher",
+                        **compute_options(device, dtype, max_memory))
     screen = console()
     screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")

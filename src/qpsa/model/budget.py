@@ -70,8 +70,10 @@ def activation_bytes(config: ModelConfig, batch: int, ctx: int, dtype: torch.dty
 
 
 def plan_memory(config: ModelConfig, store, device: torch.device, max_memory: int | None = None,
-                batch: int = 4, ctx: int = 512, grad: bool = False) -> MemoryPlan:
-    """Decide resident or on demand for `store` (a WeightStore not yet filled); QpsaError if it cannot fit."""
+                batch: int = 4, ctx: int = 512, grad: bool = False, whole: str | None = None) -> MemoryPlan:
+    """Decide resident or on demand for `store` (a WeightStore not yet filled); QpsaError if it cannot fit.
+    `whole` names a computation that needs every weight in float at once (Fisher's gradients): then
+    only resident will do."""
     dtype = store.dtype
     float_model = store.total_bytes()
     layer = store.layer_bytes()
@@ -91,9 +93,19 @@ def plan_memory(config: ModelConfig, store, device: torch.device, max_memory: in
     minimum = largest + small + activations + reserve
     plan = MemoryPlan(str(device), dtype_name(dtype), available, where, float_model, largest, activations,
                       resident=False, cache_budget=0.0, minimum=minimum)
-    if float_model + activations + reserve <= available:
+    gradients = float_model if (whole is not None and grad) else 0
+    if float_model + gradients + activations + reserve <= available:
         plan.resident, plan.cache_budget = True, math.inf
         return plan
+    if whole is not None:
+        need = float_model + gradients + activations + reserve  # with autograd: a gradient per weight
+        raise QpsaError(
+            f"not enough memory on {device} for {whole}, which needs the whole model in float at once: "
+            f"{format_size(need)} needed, {format_size(available)} available ({where}); try "
+            + ", ".join(f for f in ("a larger --max-memory" if max_memory is not None else None,
+                                     "--dtype bfloat16" if dtype == torch.float32 else None,
+                                     "--device cuda" if device.type == "cpu" and torch.cuda.is_available() else None,
+                                     f"leaving out {whole}") if f))
     if minimum > available:
         fixes = ["--dtype bfloat16" if dtype == torch.float32 else None,
                  "--device cuda" if device.type == "cpu" and torch.cuda.is_available() else None,

@@ -66,14 +66,15 @@ class LoadedModel:
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True, check_tensors: bool = True,
     device: torch.device | str = "cpu", max_memory: int | None = None, batch: int = 4, ctx: int = 512,
-    grad: bool = False,
+    grad: bool = False, whole: str | None = None,
 ) -> LoadedModel:
     """Validate, read and map a model. `check_tensors` scans float tensors and every
     quantized block's scales for NaN/Inf first (a fraction of a second on the bundled models), so
     a damaged file is named, with the tensor and block, before any long computation.
     The weights stay the file's quantized bytes; `budget.plan_memory` decides, from `max_memory`
     (bytes; default what `device` has free) and the activations of `batch` windows of `ctx`
-    tokens (with autograd if `grad`), whether the whole model is dequantized at once (resident,
+    tokens (with autograd if `grad`; `whole`: the name of a computation that needs all weights in
+    float at once), whether the whole model is dequantized at once (resident,
     the fast path) or layer by layer as the forward reaches them; QpsaError if neither fits.
     Loading also sets the allocator to reuse freed activation memory (see `memory.py`)."""
     start = time.perf_counter()
@@ -89,7 +90,7 @@ def load_model(
     store = WeightStore(tensors, dtype=dtype, device=device, budget=0.0)
     if config.context_length:  # a longer --ctx is refused with the windows, after the load
         ctx = min(ctx, config.context_length)
-    plan = plan_memory(config, store, device, max_memory, batch=batch, ctx=ctx, grad=grad)
+    plan = plan_memory(config, store, device, max_memory, batch=batch, ctx=ctx, grad=grad, whole=whole)
     if plan.resident:
         store.make_resident()
     else:

@@ -252,6 +252,16 @@ class WeightStore(MutableMapping):
         p = f"blk.{unit}." if isinstance(unit, int) else ""
         return any(name == p + fused and all(p + n in names for n in parts) for parts, fused in FUSED)
 
+    def release(self, names) -> None:
+        """Unpin the units of `names`, whose caller has put back exactly the values it was handed (on
+        demand they are dropped and rebuilt from their sources when next needed; resident, nothing changes)."""
+        if self.resident:
+            return
+        for unit in {unit_of(self._resolve(n)) for n in names}:
+            if unit in self._pinned and not isinstance(self._sources.get(self._units[unit][0]), torch.Tensor):
+                self._pinned.discard(unit)
+                self._cache.pop(unit, None)
+
     def fingerprint(self) -> tuple:
         """Changes whenever a weight may have changed: an assignment, or an in-place write into a
         tensor handed out (their version counters). Units rebuilt from the file never change."""

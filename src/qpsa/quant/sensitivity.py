@@ -213,6 +213,7 @@ class Reference:
         finally:
             for name, v in saved.items():
                 weights[name].copy_(v)
+            weights.release(saved)  # restored to the file's values: on demand, the layers need not stay
         kld = torch.cat(kld).cpu().numpy()
         nll = torch.cat(nll).cpu().numpy()
         same = torch.cat(same).cpu().numpy()

@@ -159,10 +159,10 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
                 advance: Advance = no_progress) -> LayerScores:
     """score_i = sqrt(Σ over the seven dequantized matrices of Σ w²): one Frobenius norm of them all."""
     start = time.perf_counter()
-    w = loaded.model.weights
     scores, per_matrix = [], {m: [] for m in MATRICES}
     for i in range(loaded.config.n_layer):
         total = 0.0
+        w = loaded.model.weights.layer(i)  # the forward's access: on a large model, nothing is kept
         for m in MATRICES:
             sq = float(w[f"blk.{i}.{m}.weight"].double().square().sum())
             per_matrix[m].append(math.sqrt(sq))
