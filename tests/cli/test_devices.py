@@ -36,15 +36,21 @@ def commands(model, tmp):
 NAMES = ["ppl", "baseline", "score", "prune", "study", "compare", "sensitivity", "plan", "noise", "imatrix"]
 
 
-@pytest.mark.parametrize("command", NAMES)
-@pytest.mark.parametrize("option, needles", [
-    (["--device", "tpu"], ["--device 'tpu' is not a device"]),
-    (["--device", "cuda:x"], ["not a device"]),
-    (["--dtype", "float8"], ["--dtype 'float8' is not supported"]),
-    (["--max-memory", "lots"], ["--max-memory 'lots' is not a size"]),
-    (["--max-memory", "1K"], ["below one layer"]),
-])
-def test_bad_compute_options_are_one_line(command, option, needles, tiny, tmp_path, capsys):
+BAD = {
+    "device": (["--device", "tpu"], ["--device 'tpu' is not a device"]),
+    "device-index": (["--device", "cuda:x"], ["not a device"]),
+    "dtype": (["--dtype", "float8"], ["--dtype 'float8' is not supported"]),
+    "size": (["--max-memory", "lots"], ["--max-memory 'lots' is not a size"]),
+    "below-layer": (["--max-memory", "1K"], ["below one layer"]),
+}
+# every command with a device and a memory budget it cannot have; every bad value on two commands
+CASES = [(c, b) for c in NAMES for b in ("device", "below-layer")] + [
+    (c, b) for c in ("ppl", "sensitivity") for b in ("device-index", "dtype", "size")]
+
+
+@pytest.mark.parametrize("command, bad", CASES)
+def test_bad_compute_options_are_one_line(command, bad, tiny, tmp_path, capsys):
+    option, needles = BAD[bad]
     args = commands(tiny, tmp_path)[command]
     if command == "score" and option[0] == "--dtype":
         pytest.skip("score's precision is --precision (float32 or float64)")
