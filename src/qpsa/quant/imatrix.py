@@ -335,7 +335,7 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
         advance(steps=units[key][0].shape[0])
 
     job = Job("qpsa.quant.imatrix:setup_imatrix", "qpsa.quant.imatrix:window_sums", None,
-              str(model.dtype).removeprefix("torch."), local_state=model)
+              str(model.dtype).removeprefix("torch."), load=model.load_options, local_state=model)
     (executor or LocalExecutor()).run(job, units, finished)
 
     in_sum2, in_sum, counts = {}, {}, {}
@@ -343,10 +343,10 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
         for part in SHARED_INPUT[fused]:
             name = f"blk.{layer}.{part}.weight"
             if name in model.weights:  # (n_mat, in): one row, or one per expert
-                in_sum2[name] = s2.float().numpy().reshape(-1, s2.shape[-1])
-                in_sum[name] = sum1[(layer, fused)].float().numpy().reshape(-1, s2.shape[-1])
+                in_sum2[name] = s2.float().cpu().numpy().reshape(-1, s2.shape[-1])
+                in_sum[name] = sum1[(layer, fused)].float().cpu().numpy().reshape(-1, s2.shape[-1])
                 c = count[(layer, fused)]
-                counts[name] = np.array(c.numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
+                counts[name] = np.array(c.cpu().numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
     top = max((int(c.max()) for c in counts.values()), default=0)
     return Imatrix(in_sum2, counts, [dataset], (top + ctx // 2) // ctx, ctx, in_sum)
 
