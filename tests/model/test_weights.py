@@ -229,3 +229,46 @@ def test_weight_norm_and_noise_floor_copy_do_not_pin(q8_model):
     assert other.dtype == torch.float64 and not other.weights.resident
     assert torch.equal(other.weights.layer(0)["blk.0.attn_qkv.weight"], loaded.model.weights.layer(0)["blk.0.attn_qkv.weight"].double())
     assert not loaded.model.weights._pinned
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("wm") / "moe.gguf", "qwen3moe", n_layer=3, qtype=Q.Q8_0,
+                           expert_qtype=Q.Q4_K, n_embd=256, n_ff_exp=256, n_expert=4)
+
+
+def test_moe_on_demand_equals_resident_and_experts_are_views(moe_model):
+    """The experts' gate | up are one (E, 2F, C) tensor on demand too, filled expert by expert from the
+    file; the forward is bit for bit the resident one, and a write into one expert changes the fused tensor."""
+    resident = load_model(str(moe_model), tokenizer=False)
+    lazy = load_model(str(moe_model), tokenizer=False, max_memory=_tight(moe_model), ctx=24, batch=2)
+    assert not lazy.memory.resident
+    tokens = _tokens(vocab=resident.config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(resident.model(tokens), lazy.model(tokens))
+    assert not lazy.model.weights._pinned
+    store = lazy.model.weights
+    fused = store["blk.1.ffn_gate_up_exps.weight"]
+    gate, up = store["blk.1.ffn_gate_exps.weight"], store["blk.1.ffn_up_exps.weight"]
+    assert fused.shape == (4, 2 * gate.shape[1], 256) and torch.equal(fused, torch.cat([gate, up], dim=1))
+    assert torch.equal(fused, resident.model.weights["blk.1.ffn_gate_up_exps.weight"])
+    up[2].add_(1.0)
+    assert torch.equal(fused[2, gate.shape[1]:], up[2])
+
+
+def test_a_layer_built_in_inference_mode_can_be_edited_later(q8_model):
+    """The forward builds (and caches) layers inside inference mode; handing one out later for an edit works."""
+    store = WeightStore.from_gguf(open_gguf(q8_model), budget=float(2**40) - 1)
+    with torch.inference_mode():
+        store.layer(0)
+    w = store["blk.0.attn_v.weight"]
+    w.add_(1.0)
+    assert torch.equal(store.layer(0)["blk.0.attn_v.weight"], w)
+
+
+def test_gradient_predictors_need_the_whole_model(q8_model, tmp_path, capsys):
+    from tests.helpers.cli_run import assert_user_error, run
+
+    code, _, err = run(capsys, "predictors", q8_model, "--chunks", 1, "--ctx", 24, "--predictors", "fisher_kl",
+                       "--max-memory", _tight(q8_model), "--out", tmp_path / "p")
+    assert_user_error(code, err, "for the gradient predictors (fisher_kl), which needs the whole model in float at once")

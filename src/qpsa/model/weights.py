@@ -312,8 +312,9 @@ class WeightStore(MutableMapping):
         self.dequantized += 1
         self._last = None  # free the previous transient unit before allocating this one
         start = time.perf_counter()
-        try:
-            return self._build_unit(unit)
+        try:  # never inference tensors, though the forward runs in inference mode: a unit may be pinned later and edited
+            with torch.inference_mode(False):
+                return self._build_unit(unit)
         finally:
             self.dequantize_seconds += time.perf_counter() - start
 
