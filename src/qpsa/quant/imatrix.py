@@ -363,7 +363,7 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
     sums: dict = {}
 
     def hook(layer: int, fused: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rows = x[mask]  # (R, in): the collected positions
+        rows = x[mask.to(x.device)]  # (R, in): the collected positions
         s2, s1, n = rows.square().sum(0, dtype=torch.float64), rows.sum(0, dtype=torch.float64), rows.shape[0]
         if (layer, fused) in sums:
             before = sums[(layer, fused)]
@@ -376,8 +376,9 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
         key = (layer, fused)
         if key not in sums:
             shape = (model.config.n_expert, x.shape[-1])
-            sums[key] = (torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
-                         torch.zeros(shape[0], dtype=torch.int64))
+            sums[key] = (torch.zeros(shape, dtype=torch.float64, device=x.device),
+                         torch.zeros(shape, dtype=torch.float64, device=x.device),
+                         torch.zeros(shape[0], dtype=torch.int64, device=x.device))
         s2, s1, n = sums[key]
         s2[e] += x.square().sum(0, dtype=torch.float64)
         s1[e] += x.sum(0, dtype=torch.float64)
@@ -388,7 +389,9 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
     model.linear_hook, model.expert_hook = hook, expert_hook
     try:
         with torch.inference_mode():
-            model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(tokens.shape[1]))
+            model.run_layers(model.embed(tokens), range(model.config.n_layer),
+                             torch.arange(tokens.shape[1], device=model.device))
     finally:
         model.linear_hook, model.expert_hook = previous, previous_expert
-    return sums
+    # on the CPU: a unit's result travels back from a Ray worker whatever device the worker computed on
+    return {k: (s2.cpu(), s1.cpu(), n.cpu() if isinstance(n, torch.Tensor) else n) for k, (s2, s1, n) in sums.items()}

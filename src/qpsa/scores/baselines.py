@@ -202,7 +202,8 @@ def ablate_layers(state, unit: tuple[int, int]) -> torch.Tensor:
                 h = model.block(k, h, states.positions)
             if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
                 h = states.states[k] if h is None else torch.cat([h, states.states[k]])
-        return torch.stack([token_nll(model, h[j : j + 1], states.tokens)[0].double() for j in range(b - a)])
+        # on the CPU: the result may travel back from a Ray worker
+        return torch.stack([token_nll(model, h[j : j + 1], states.tokens)[0].double() for j in range(b - a)]).cpu()
 
 
 def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
