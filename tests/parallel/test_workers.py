@@ -292,3 +292,42 @@ def test_study_same_numbers(cluster, files):
     assert [e.layers for e in two.prune.edits] == [e.layers for e in one.prune.edits]
     assert two.convergence[0]["scores"] == one.convergence[0]["scores"]
     assert two.execution["backend"] == "ray" and one.execution is None
+
+
+def _on_demand_budget(path, ctx: int) -> int:
+    """A --max-memory just above the on-demand minimum of `path` (batch 1, `ctx` tokens): layers dequantized as they run."""
+    import torch
+
+    from qpsa.gguf.read import open_gguf
+    from qpsa.model.budget import plan_memory
+    from qpsa.model.load import load_model
+    from qpsa.model.weights import WeightStore
+
+    config = load_model(str(path), tokenizer=False).config
+    store = WeightStore.from_gguf(open_gguf(path), budget=0.0)
+    return plan_memory(config, store, torch.device("cpu"), max_memory=2**40, batch=1, ctx=ctx).minimum + 1
+
+
+def test_a_worker_loads_the_model_as_the_driver_did(cluster, files):
+    """The Job carries the driver's load settings (device, --max-memory, the memory plan's inputs): a
+    worker's model is on the same device, in the same dtype and weights mode, with the same cache budget."""
+    from qpsa.model.load import load_model
+    from qpsa.parallel.ray_workers import _Worker
+
+    budget = _on_demand_budget(files["wide"], 64)
+    driver = load_model(str(files["wide"]), max_memory=budget, batch=1, ctx=64)
+    assert driver.compute()["weights"] == "on demand"
+    worker = _Worker(str(files["wide"]), driver.file.sha256, 1)
+    loaded = worker._model("float32", driver.model.load_options)
+    assert loaded.compute() == driver.compute()
+    assert loaded.model.load_options == driver.model.load_options
+
+
+def test_sensitivity_on_demand_same_numbers_on_workers(cluster, files, capsys, tmp_path):
+    budget = _on_demand_budget(files["wide"], 64)
+    args = ["sensitivity", files["wide"], "--text", files["text"], "--ctx", 64, "--chunks", 1, "--to", "q4_0",
+            "--max-memory", budget]
+    one = _json(capsys, *args, "--out", tmp_path / "a")
+    two = _json(capsys, *args, "--out", tmp_path / "b", "--workers", 2)
+    assert one["model"]["weights"] == two["model"]["weights"] == "on demand"
+    assert [r["kld"] for r in two["rows"]] == [r["kld"] for r in one["rows"]]

@@ -22,12 +22,16 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RayAddressOpt,
     TextOpt,
     WorkersOpt,
     check_text_choice,
+    compute_options,
     model_stem,
     open_workers,
     print_json,
@@ -80,6 +84,9 @@ def baseline(
                                                     "default baseline-MODEL.json here")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the layer ablation from <out>.ckpt")] = False,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Baseline layer-importance scores (ablation, weight norm, random, ShortGPT block influence,
@@ -92,6 +99,7 @@ def baseline(
     if n < 1:
         raise QpsaError(f"--n must be at least 1 (got {n})")
     check_text_choice(text, dataset)
+    compute = compute_options(device, dtype, max_memory)
     path = results_path(out, f"baseline-{model_stem(model)}.json", resolve_model(model))
     from qpsa.scores.checkpoint import AblationCheckpoint, checkpoint_path
 
@@ -111,7 +119,8 @@ def baseline(
     from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model)
+    loaded = load_model(model, ctx=max_tokens, batch=1, grad="fisher" in names,
+                        whole="fisher" if "fisher" in names else None, **compute)
     tokens = eval_tokens(loaded, eval_text, max_tokens)
     if n > loaded.config.n_layer:
         raise QpsaError(f"--n {n} exceeds the model's {loaded.config.n_layer} layers")

@@ -14,7 +14,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, TextOpt, print_json, results_path
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    TextOpt,
+    compute_options,
+    print_json,
+    results_path,
+)
 from qpsa.errors import QpsaError
 
 
@@ -42,6 +52,9 @@ def compare(
                                                        "--kl-divergence-base) instead of running BASE")] = None,
     out: Annotated[Optional[str], typer.Option(help="also write the results as JSON here, and an HTML report "
                                                     "beside it (FILE.html)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """KL divergence, Δp, same top token and PPL of OTHER against BASE (llama.cpp's --kl-divergence), and greedy answers."""
@@ -92,14 +105,15 @@ def compare(
     from qpsa.eval.perplexity import make_windows
     from qpsa.model.load import load_model
 
-    loaded_base = load_model(base)
+    compute = compute_options(device, dtype, max_memory)
+    loaded_base = load_model(base, batch=1, **compute)
     if qtype is not None:
         from qpsa.quant.requantize import requantize_model
 
         loaded_other = requantize_model(loaded_base, qtype, overrides)
         other_name = loaded_other.name
     else:
-        loaded_other = load_model(other)
+        loaded_other = load_model(other, batch=1, **compute)
         other_name = other
     base_md, other_md = loaded_base.file.metadata, loaded_other.file.metadata
     check_same_vocabulary(base, base_md, loaded_base.config.vocab_size, other_name, other_md,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import JsonOpt, ModelArg, print_json
+from qpsa.cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, ModelArg, compute_options, print_json
 from qpsa.errors import QpsaError
 
 RankingsOpt = Annotated[Optional[str], typer.Option(help="results JSON from `q-psa baseline` or `q-psa score`")]
@@ -35,11 +35,14 @@ def prune(
     eval_text: EvalTextOpt = None,
     eval_tokens: EvalTokensOpt = None,
     out: OutOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Remove the K least important layers of each ranking and measure PPL on held-out tokens."""
     _run("prune", model, rankings, methods, k, 0, protect_first, protect_last, layers, output,
-         text, dataset, eval_text, eval_tokens, out, as_json)
+         text, dataset, eval_text, eval_tokens, out, as_json, compute_options(device, dtype, max_memory))
 
 
 def loop(
@@ -53,15 +56,18 @@ def loop(
     eval_text: EvalTextOpt = None,
     eval_tokens: EvalTokensOpt = None,
     out: OutOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Run each of the K most important layers again right after itself and measure PPL on held-out tokens."""
     _run("loop", model, rankings, methods, k, repeat, 0, 0, None, None,
-         text, dataset, eval_text, eval_tokens, out, as_json)
+         text, dataset, eval_text, eval_tokens, out, as_json, compute_options(device, dtype, max_memory))
 
 
 def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last, layers, output,
-         text, dataset, eval_text, eval_tokens, out, as_json):
+         text, dataset, eval_text, eval_tokens, out, as_json, compute):
     from qpsa.edits.pruning import EditReport, HeldOutEvaluator, loop_candidates, prune_candidates, repeating, without
     from qpsa.gguf.write import check_output_path
     from qpsa.model.layers import parse_layers
@@ -97,7 +103,7 @@ def _run(kind, model, rankings, methods, ks, repeat, protect_first, protect_last
 
     from qpsa.model.load import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, batch=1, ctx=eval_tokens or 1024, **compute)
     n_layer = loaded.config.n_layer
     if run is not None:
         if run.model.get("sha256") != loaded.file.sha256 or run.model.get("n_layer") != n_layer:

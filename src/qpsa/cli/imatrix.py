@@ -10,13 +10,17 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RayAddressOpt,
     TextOpt,
     WorkersOpt,
     check_positive,
     check_text_choice,
+    compute_options,
     console,
     open_workers,
     print_json,
@@ -33,6 +37,9 @@ def imatrix(
     chunks: Annotated[int | None, typer.Option(help="at most this many windows (default: every whole window)")] = None,
     show: Annotated[str | None, typer.Option(help="instead: read this imatrix (GGUF or .dat), check it against the model, show it")] = None,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Sum of squared input activations per column of every layer matrix, as llama-imatrix computes it."""
@@ -56,7 +63,7 @@ def imatrix(
     from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model)
+    loaded = load_model(model, ctx=ctx, **compute_options(device, dtype, max_memory))
     windows = make_windows(loaded.tokenizer, eval_text.text, ctx, None, None, loaded.config.context_length)
     tokens = windows.tokens[:chunks]  # llama-imatrix takes min(--chunks, the whole windows there are)
     screen = console()

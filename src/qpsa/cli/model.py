@@ -9,7 +9,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, TextOpt, check_positive, console, print_json
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    TextOpt,
+    check_positive,
+    compute_options,
+    console,
+    print_json,
+)
 from qpsa.errors import QpsaError
 
 
@@ -80,6 +92,9 @@ def ppl(
     check_tensors: Annotated[
         bool, typer.Option(help="scan tensor values and block scales for NaN/Inf before running")
     ] = True,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Perplexity with llama.cpp's protocol: windows of --ctx tokens, BOS first, second half scored."""
@@ -89,8 +104,9 @@ def ppl(
     from qpsa.sources.texts import resolve_text
 
     check_positive(ctx=ctx, chunks=chunks, max_tokens=max_tokens)
+    compute = compute_options(device, dtype, max_memory)
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model, check_tensors=check_tensors)
+    loaded = load_model(model, check_tensors=check_tensors, ctx=max_tokens or ctx, **compute)
     windows = make_windows(loaded.tokenizer, eval_text.text, ctx, chunks, max_tokens, loaded.config.context_length)
     screen = console()
     if not as_json:

@@ -13,7 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from qpsa.cli.options import DatasetOpt, JsonOpt, ModelArg, check_text_choice, model_stem, print_json, results_folder
+from qpsa.cli.options import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    check_text_choice,
+    compute_options,
+    model_stem,
+    print_json,
+    results_folder,
+)
 from qpsa.errors import QpsaError
 
 
@@ -32,6 +44,9 @@ def noise(
     samples: Annotated[int, typer.Option(help="noise draws per window and σ; typo draws per prompt")] = 1,
     new_tokens: Annotated[int, typer.Option(help="length of the greedy continuations compared")] = 12,
     out: Annotated[Optional[str], typer.Option(help="folder for noise.json and noise.png (default noise-MODEL)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Input sensitivity: Gaussian noise on the input embeddings (KL, top-1 flips, PPL ratio, and the
@@ -54,7 +69,7 @@ def noise(
     from qpsa.sources.texts import resolve_text
 
     eval_text = resolve_text(text, dataset)
-    loaded = load_model(model)
+    loaded = load_model(model, batch=samples, ctx=ctx, **compute_options(device, dtype, max_memory))
     windows = make_windows(loaded.tokenizer, eval_text.text, ctx, chunks, None, loaded.config.context_length)
     console = None
     if not as_json:

@@ -121,3 +121,22 @@ _CLOSE: list = []  # releases the workers of the running command (qpsa.cli.app.m
 def close_workers() -> None:
     while _CLOSE:
         _CLOSE.pop()()
+
+
+# ---- where the model computes: --device, --dtype, --max-memory (every command that computes) ----
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda:0 where a GPU is visible)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the precision of weights "
+                                       "and activations (float32 on the CPU is q-psa's reference)")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="memory q-psa may use on the device beyond the mapped file, e.g. 12G (default: what is "
+    "free); the whole model is dequantized at load when it fits, else layers are dequantized as they run")]
+
+
+def compute_options(device: str = "cpu", dtype: str = "float32", max_memory: str | None = None) -> dict:
+    """load_model's keyword arguments for the three options, checked (QpsaError before any work)."""
+    from qpsa.model.device import parse_size, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return {"device": dev, "dtype": resolve_dtype(dtype, dev),
+            "max_memory": parse_size(max_memory) if max_memory is not None else None}

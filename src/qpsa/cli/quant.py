@@ -10,12 +10,16 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RayAddressOpt,
     TextOpt,
     WorkersOpt,
     check_positive,
+    compute_options,
     console,
     model_stem,
     open_workers,
@@ -146,6 +150,9 @@ def sensitivity(
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Requantize one layer (or tensor) at a time and measure the KL divergence and PPL change it causes."""
@@ -155,7 +162,7 @@ def sensitivity(
     qtype = qtype_named(to)
     executor = open_workers(workers, ray_address, model)
     session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json,
-                       imatrix=imatrix)
+                       imatrix=imatrix, compute=compute_options(device, dtype, max_memory))
     session.executor = executor
     result = session.sensitivity(qtype, granularity, resume)
     files = write_sensitivity(session, result)
@@ -168,13 +175,25 @@ def sensitivity(
 
 
 def _session(model, text, dataset, ctx, chunks, out, default_out, quiet, held_out: bool = False,
-             imatrix: str | None = None):
+             imatrix: str | None = None, compute: dict | None = None):
     from qpsa.quant.session import MeasurementSession
     from qpsa.report.progress import ConsoleProgress
 
     check_positive(ctx=ctx, chunks=chunks)
     return MeasurementSession(model, text, dataset, ctx, chunks, results_folder(out, default_out),
-                              ConsoleProgress(quiet), held_out, imatrix)
+                              ConsoleProgress(quiet), held_out, imatrix, compute)
+
+
+def _gradient_load(compute: dict, predictors: list[str]) -> dict:
+    """load_model's arguments for these predictors: the gradient ones (as Fisher) need the whole
+    float model and a gradient per weight at once, which the memory check then asks for (one line if
+    it does not fit)."""
+    from qpsa.quant.predictors import NEEDS
+
+    grads = [n for n in predictors if NEEDS.get(n) in ("gradients", "draws")]
+    if not grads:
+        return compute
+    return {**compute, "grad": True, "whole": f"the gradient predictors ({', '.join(grads)})"}
 
 
 DEFAULT_PLAN_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
@@ -202,6 +221,9 @@ def plan(
              "those the choice rests on")] = None,
     draws: DrawsOpt = 2,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Choose a type per layer (or tensor) under a size budget from measured KLD, then check the plan on held-out
@@ -226,7 +248,8 @@ def plan(
         raise QpsaError(f"--target-bpw must be between 0 and 64 bits per weight (got {target_bpw})")
     executor = open_workers(workers, ray_address, model)
     session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True,
-                       imatrix=imatrix)
+                       imatrix=imatrix,
+                       compute=_gradient_load(compute_options(device, dtype, max_memory), [estimator] if estimator else []))
     session.executor = executor
     if output is not None:
         check_output_path(output, session.loaded.path)
@@ -258,6 +281,9 @@ def predictors(
                                                     "sensitivities (default predictors-MODEL)")] = None,
     resume: ResumeOpt = False,
     imatrix: ImatrixOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """How well cheap quantities predict the measured KLD of requantizing each tensor (or layer): Spearman ρ with a
@@ -269,8 +295,9 @@ def predictors(
     qtypes = [qtype_named(t) for t in (types or ["Q4_0"])]
     chosen = [check_predictor(n) for n in (names or PREDICTORS)]
     check_positive(draws=draws)
+    compute = _gradient_load(compute_options(device, dtype, max_memory), chosen)
     session = _session(model, text, dataset, ctx, chunks, out, f"predictors-{model_stem(model)}", as_json,
-                       imatrix=imatrix)
+                       imatrix=imatrix, compute=compute)
     result = compare_predictors(session, qtypes, granularity, chosen, draws, resume,
                                 measured_cb=lambda r: write_sensitivity(session, r))
     files = write_predictors(session, result)

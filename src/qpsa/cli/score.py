@@ -15,12 +15,15 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RayAddressOpt,
     TextOpt,
     WorkersOpt,
     check_text_choice,
+    compute_options,
     model_stem,
     open_workers,
     print_json,
@@ -52,6 +55,8 @@ def score(
                                                     "score-<model>.json")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from <out>.ckpt")] = False,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ):
     """Q-PSA: layer importance from ±1-step moves of quantized weights (see docs/qpsa.md)."""
@@ -106,7 +111,9 @@ def score(
     from qpsa.scores.results import ScoreRun
 
     start = time.perf_counter()
-    loaded = load_model(model, dtype=settings.dtype)
+    compute = compute_options(device, "float32", max_memory)
+    compute["dtype"] = settings.dtype  # Q-PSA's own --precision (float32 or float64)
+    loaded = load_model(model, ctx=max_tokens, batch=batch_size, **compute)
     tokens = eval_tokens(loaded, eval_text, max_tokens)
     header["text"] = {"sha256": eval_text.sha256, "span": tokens.span, "start_token": tokens.start,
                       "n_tokens": int(tokens.tokens.shape[1]),

@@ -11,10 +11,14 @@ import typer
 
 from qpsa.cli.options import (
     DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
     RayAddressOpt,
     TextOpt,
     WorkersOpt,
+    compute_options,
     console,
     model_stem,
     open_workers,
@@ -31,6 +35,9 @@ def study(
     dataset: DatasetOpt = None,
     seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
 ):
     """The original Q-PSA experiment in one command: all methods, pruning and looping tables, agreement, plots."""
     import dataclasses
@@ -47,7 +54,8 @@ def study(
     eval_text = resolve_text(text, dataset)
     plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
     executor = open_workers(workers, ray_address, model)
-    loaded = load_model(model)
+    loaded = load_model(model, batch=1, ctx=1024, grad=True, whole="fisher",
+                        **compute_options(device, dtype, max_memory))
     screen = console()
     screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")

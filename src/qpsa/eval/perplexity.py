@@ -93,9 +93,9 @@ def window_nlls(model: Transformer, windows: torch.Tensor, score_from: int) -> l
     batch), and the output head on all their scored halves at once through
     `Transformer.head_nll`, which never holds more than a cache-sized slice of the logits."""
     with torch.inference_mode():
-        positions = torch.arange(windows.shape[1])
+        positions = torch.arange(windows.shape[1], device=model.device)
         h = model.run_layers(model.embed(windows), range(model.config.n_layer), positions)  # (B, T, C)
-        return list(model.head_nll(h[:, score_from:-1], windows[:, score_from + 1 :]).double().unbind(0))
+        return list(model.head_nll(h[:, score_from:-1], windows[:, score_from + 1 :]).double().cpu().unbind(0))
 
 
 def token_nll(model: Transformer, window: torch.Tensor, score_from: int) -> torch.Tensor:

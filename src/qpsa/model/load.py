@@ -17,10 +17,13 @@ import torch
 from qpsa.errors import QpsaError
 from qpsa.gguf.read import GGUFFile, open_gguf
 from qpsa.gguf.validate import check_tensor_values
+from qpsa.model.budget import MemoryPlan, plan_memory
 from qpsa.model.config import ModelConfig, config_from_metadata
+from qpsa.model.device import dtype_name
 from qpsa.model.memory import keep_freed_memory
 from qpsa.model.tokenizer import Tokenizer, load_tokenizer
 from qpsa.model.transformer import Transformer
+from qpsa.model.weights import WeightStore
 from qpsa.sources.catalog import resolve_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,20 @@ class LoadedModel:
     tokenizer: Tokenizer
     load_seconds: float
     requantized: list | None = None  # TensorChoice per tensor when the weights were requantized in memory
+    memory: MemoryPlan | None = None  # what the load decided: whole float model, or layers on demand
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def compute(self) -> dict:
+        """Where and how the model computes, as every output names it: device, dtype, weights mode."""
+        out = {"device": str(self.model.device), "dtype": dtype_name(self.model.dtype)}
+        if self.memory is not None:
+            out["weights"] = "resident" if self.memory.resident else "on demand"
+            if not self.memory.resident:
+                out["cache_budget_bytes"] = int(self.memory.cache_budget)
+        return out
 
     @property
     def path(self) -> Path:
@@ -43,15 +60,22 @@ class LoadedModel:
     def describe(self) -> dict:
         """The model as every output names it: the name asked for, file path and sha256, architecture, layers."""
         return {"name": self.name, "path": str(self.path), "sha256": self.file.sha256,
-                "architecture": self.config.arch, "n_layer": self.config.n_layer}
+                "architecture": self.config.arch, "n_layer": self.config.n_layer, **self.compute()}
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True, check_tensors: bool = True
+    name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: bool = True, check_tensors: bool = True,
+    device: torch.device | str = "cpu", max_memory: int | None = None, batch: int = 4, ctx: int = 512,
+    grad: bool = False, whole: str | None = None,
 ) -> LoadedModel:
-    """Validate, read and dequantize a model. `check_tensors` scans float tensors and every
+    """Validate, read and map a model. `check_tensors` scans float tensors and every
     quantized block's scales for NaN/Inf first (a fraction of a second on the bundled models), so
     a damaged file is named, with the tensor and block, before any long computation.
+    The weights stay the file's quantized bytes; `budget.plan_memory` decides, from `max_memory`
+    (bytes; default what `device` has free) and the activations of `batch` windows of `ctx`
+    tokens (with autograd if `grad`; `whole`: the name of a computation that needs all weights in
+    float at once), whether the whole model is dequantized at once (resident,
+    the fast path) or layer by layer as the forward reaches them; QpsaError if neither fits.
     Loading also sets the allocator to reuse freed activation memory (see `memory.py`)."""
     start = time.perf_counter()
     keep_freed_memory()
@@ -62,8 +86,20 @@ def load_model(
     vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
     config = config_from_metadata(gguf_file.metadata, vocab_size=vocab)
     _check_tensors(gguf_file, config)
-    weights = {name: t.to_torch() for name, t in tensors.items()}
-    model = Transformer(config, weights, dtype=dtype)
+    device = torch.device(device)
+    store = WeightStore(tensors, dtype=dtype, device=device, budget=0.0)
+    if config.context_length:  # a longer --ctx is refused with the windows, after the load
+        ctx = min(ctx, config.context_length)
+    plan = plan_memory(config, store, device, max_memory, batch=batch, ctx=ctx, grad=grad, whole=whole)
+    if plan.resident:
+        store.make_resident()
+    else:
+        store.budget = plan.cache_budget
+        log.info("weights on demand: %.0f MB of %.0f MB may stay dequantized", plan.cache_budget / 2**20,
+                 plan.float_model / 2**20)
+    model = Transformer(config, store)
+    model.load_options = {"device": str(device), "max_memory": max_memory, "batch": batch, "ctx": ctx,
+                          "grad": grad, "whole": whole}
     tok = load_tokenizer(gguf_file.metadata, gguf_file.sha256) if tokenizer else None
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise QpsaError(
@@ -71,7 +107,7 @@ def load_model(
         )
     seconds = time.perf_counter() - start
     log.info("loaded %s in %.2f s", gguf_file.path, seconds)
-    return LoadedModel(name_or_path, gguf_file, config, model, tok, seconds)
+    return LoadedModel(name_or_path, gguf_file, config, model, tok, seconds, memory=plan)
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:

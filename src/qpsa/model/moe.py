@@ -10,7 +10,7 @@ Per token x (after ffn_norm), llama.cpp's `build_moe_ffn` with qwen3moe's argume
 Weights, as in the GGUF file (numpy order): `ffn_gate_inp` (E, C), `ffn_gate_exps` and
 `ffn_up_exps` (E, F, C), `ffn_down_exps` (E, C, F). Gate and up are stored fused as
 `ffn_gate_up_exps` (E, 2F, C) and the per-name entries are views into it, as the dense FFN's are
-(`Transformer._fuse`), so writing into `weights["blk.3.ffn_up_exps.weight"][5]` changes expert 5.
+(`qpsa.model.weights.WeightStore`), so writing into `weights["blk.3.ffn_up_exps.weight"][5]` changes expert 5.
 
 The forward groups tokens by expert: one sort of the (token, slot) pairs by (sequence, expert),
 then per group one gather and two matmuls over all its tokens; the weighted outputs go back to
@@ -37,24 +37,6 @@ import torch.nn.functional as F
 WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the top-k sum to the smallest normal float16
 
 
-def fuse_experts(weights: dict[str, torch.Tensor], n_layer: int) -> list[str]:
-    """Store each layer's ffn_gate_exps | ffn_up_exps as one (E, 2F, C) tensor; the named entries become
-    views. Returns the names of the fused tensors it made."""
-    made = []
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        if p + "ffn_gate_exps.weight" not in weights or p + "ffn_up_exps.weight" not in weights:
-            continue
-        gate, up = weights[p + "ffn_gate_exps.weight"], weights[p + "ffn_up_exps.weight"]
-        whole = torch.cat([gate, up], dim=1).contiguous()  # (E, 2F, C)
-        weights[p + "ffn_gate_up_exps.weight"] = whole
-        n = gate.shape[1]
-        weights[p + "ffn_gate_exps.weight"] = whole[:, :n]
-        weights[p + "ffn_up_exps.weight"] = whole[:, n:]
-        made.append(p + "ffn_gate_up_exps.weight")
-    return made
-
-
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(selected experts, their weights), each (..., k), from router logits (..., E): softmax,
     top-k, renormalized to sum 1 (llama.cpp's order: the largest probability first)."""
@@ -66,7 +48,7 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def moe_ffn(model, i: int, x: torch.Tensor) -> torch.Tensor:
     """Layer i's routed-expert FFN: x (B, T, C) after ffn_norm -> (B, T, C), a new tensor."""
-    cfg, w, p = model.config, model.weights, f"blk.{i}."
+    cfg, w, p = model.config, model.weights.layer(i), f"blk.{i}."
     B, T, C = x.shape
     k = cfg.n_expert_used
     logits = model._linear(i, "ffn_gate_inp", x)  # (B, T, E)
@@ -139,7 +121,7 @@ def expert_usage(model, tokens: torch.Tensor) -> dict:
         with torch.inference_mode():
             for w in range(tokens.shape[0]):
                 model.run_layers(model.embed(tokens[w : w + 1]), range(model.config.n_layer),
-                                 torch.arange(tokens.shape[1]))
+                                 torch.arange(tokens.shape[1], device=model.device))
     finally:
         model.route_observer = previous
     return usage.to_dict()

@@ -5,9 +5,11 @@ Pure computation: no file or network I/O here (loading lives in `load.py`).
 The forward pass runs an explicit list of layer indices, so removing a layer is deleting its index
 and repeating one is writing it twice. Each piece (`embed`, `block`, `run_layers`, `logits`) is
 public, so callers can cache the hidden state entering any layer and re-run only the layers after
-it. Weights live in `Transformer.weights`, a dict keyed by GGUF tensor name
-(`blk.3.ffn_down.weight`); q/k/v and gate/up are stored fused for speed, and the per-name entries
-are views into the fused tensors, so writing into `weights[name]` changes what the forward uses.
+it. Weights live in `Transformer.weights`, a `WeightStore` (`weights.py`): a mapping keyed by GGUF
+tensor name (`blk.3.ffn_down.weight`) that dequantizes a layer when the forward reaches it (or
+holds the whole model in float when it fits); q/k/v and gate/up are stored fused for speed, and the
+per-name entries are views into the fused tensors, so writing into `weights[name]` changes what the
+forward uses (the store keeps a layer handed out that way).
 
 Shapes: B batch, T tokens, C channels (n_embd), H heads, K kv heads, D head dim, F ffn width,
 V vocabulary.
@@ -23,20 +25,21 @@ import torch.nn.functional as F
 
 from qpsa.model.config import ModelConfig
 from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm
-from qpsa.model.moe import fuse_experts, moe_ffn
+from qpsa.model.moe import moe_ffn
+from qpsa.model.weights import WeightStore
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32):
+    def __init__(self, config: ModelConfig, weights: WeightStore | dict[str, torch.Tensor], dtype=torch.float32):
+        """`weights`: a `WeightStore` (what `load_model` builds: quantized bytes, float tensors on
+        demand), or float tensors by GGUF name, which become a store that holds them all."""
         self.config = config
-        self.dtype = dtype
-        self.weights: dict[str, torch.Tensor] = {}
-        for name, tensor in weights.items():
-            self.weights[name] = tensor.to(dtype)
-        self.fused_names: set[str] = set()  # entries made here (fused copies, aliases), not tensors of the file
-        self._fuse()
-        if "output.weight" not in self.weights:  # tied embeddings: the head reuses token_embd
-            self.weights["output.weight"] = self.weights["token_embd.weight"]
+        if not isinstance(weights, WeightStore):
+            weights = WeightStore(weights, dtype=dtype)
+        if config.fused_gate_up:  # phi3: the file's ffn_up is gate|up already; the forward reads it as ffn_gate_up
+            weights.alias_gate_up()
+        self.dtype = weights.dtype
+        self.weights = weights
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # Optional `hook(layer, name, x, y) -> y`, called after each of a layer's matmuls with the
         # fused weight's name ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down"), its input
@@ -45,44 +48,32 @@ class Transformer:
         self.linear_hook = None
         self.expert_hook = None  # the same for the experts' matmuls of an MoE layer (qpsa.model.moe)
         self.route_observer = None  # (layer, selected experts (B, T, k)) on every MoE layer
+        # load_model's keyword arguments besides dtype (device, max_memory, ...): a Ray worker
+        # (qpsa.parallel) loads its own copy of the model with them, so it computes as this one does
+        self.load_options: dict = {}
         self._rope_freqs = self.weights.get("rope_freqs.weight")  # llama 3.x frequency factors
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
 
     # ---- weights -------------------------------------------------------------------------
 
-    def _fuse(self):
-        """Store q|k|v and gate|up as one matrix each; the named entries become views into them."""
-        w = self.weights
-        for i in range(self.config.n_layer):
-            p = f"blk.{i}."
-            for parts, fused in (
-                (("attn_q.weight", "attn_k.weight", "attn_v.weight"), "attn_qkv.weight"),
-                (("attn_q.bias", "attn_k.bias", "attn_v.bias"), "attn_qkv.bias"),
-                (("ffn_gate.weight", "ffn_up.weight"), "ffn_gate_up.weight"),
-            ):
-                if not all(p + n in w for n in parts):
-                    continue
-                whole = torch.cat([w[p + n] for n in parts], dim=0).contiguous()
-                w[p + fused] = whole
-                self.fused_names.add(p + fused)
-                start = 0
-                for n in parts:
-                    rows = w[p + n].shape[0]
-                    w[p + n] = whole[start : start + rows]
-                    start += rows
-            if self.config.fused_gate_up:  # phi3: the file's ffn_up is gate|up already
-                w[p + "ffn_gate_up.weight"] = w[p + "ffn_up.weight"]
-                self.fused_names.add(p + "ffn_gate_up.weight")
-        self.fused_names.update(fuse_experts(w, self.config.n_layer))
+    @property
+    def fused_names(self) -> set[str]:
+        """The entries the store made (fused copies, phi3's ffn_gate_up alias), not tensors of the file
+        (phi3's own attn_qkv is one of the file's)."""
+        return {n for n in self.weights if self.weights.is_fused(n)}
 
     def layer_names(self, i: int) -> list[str]:
         """GGUF names of the tensors of layer i (views, not the fused copies)."""
-        p = f"blk.{i}."
-        return [n for n in self.weights if n.startswith(p) and n not in self.fused_names]
+        p, w = f"blk.{i}.", self.weights
+        return [n for n in w if n.startswith(p) and not w.is_fused(n)]
 
     # ---- pieces of the forward -------------------------------------------------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(tokens, self.weights["token_embd.weight"])  # (B, T, C)
+        h = self.weights.embedding(tokens)  # (B, T, C)
         if self.config.embed_scale != 1.0:
             h = h * self.config.embed_scale
         return h
@@ -96,7 +87,7 @@ class Transformer:
         written in place into the layer's own fresh buffers. With autograd it runs the same
         arithmetic out of place through `scaled_dot_product_attention`; the two agree to float32
         rounding (tests/test_transformer.py)."""
-        cfg, w, p = self.config, self.weights, f"blk.{i}."
+        cfg, w, p = self.config, self.weights.layer(i), f"blk.{i}."
         B, T, _ = h.shape
         H, K, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
         fast = not torch.is_grad_enabled()
@@ -159,11 +150,12 @@ class Transformer:
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and output head: (B, T, C) -> (B, T, V), written into `out` if given
         (reusing one buffer avoids re-faulting hundreds of MB per window on large vocabularies)."""
-        x = self._norm(h, self.weights["output_norm.weight"])
+        x = self._norm(h, self.weights.matrix("output_norm.weight"))
+        head = self.weights.matrix("output.weight")
         if out is None:
-            out = F.linear(x, self.weights["output.weight"])
+            out = F.linear(x, head)
         else:
-            torch.matmul(x, self.weights["output.weight"].t(), out=out)
+            torch.matmul(x, head.t(), out=out)
         cap = self.config.final_logit_softcap
         if cap:
             out = torch.tanh(out / cap) * cap
@@ -189,9 +181,9 @@ class Transformer:
         if torch.is_grad_enabled():
             return token_nll_(self.logits(h), targets)
         C = h.shape[-1]
-        x = self._norm(h, self.weights["output_norm.weight"]).reshape(-1, C)  # (R, C)
-        targets = targets.reshape(-1)
-        head = self.weights["output.weight"]  # (V, C)
+        x = self._norm(h, self.weights.matrix("output_norm.weight")).reshape(-1, C)  # (R, C)
+        targets = targets.reshape(-1).to(x.device)
+        head = self.weights.matrix("output.weight")  # (V, C)
         V, R = head.shape[0], x.shape[0]
         cap = self.config.final_logit_softcap
         target = (x * head[targets]).sum(-1)  # (R,)
@@ -221,7 +213,7 @@ class Transformer:
         """
         if layers is None:
             layers = range(self.config.n_layer)
-        positions = torch.arange(tokens.shape[1])
+        positions = torch.arange(tokens.shape[1], device=self.device)
         h = self.run_layers(self.embed(tokens), layers, positions)
         return self.logits(h[:, logits_from:])
 
@@ -230,8 +222,8 @@ class Transformer:
     # ---- helpers ---------------------------------------------------------------------------
 
     def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        p = f"blk.{i}.{name}."
-        y = F.linear(x, self.weights[p + "weight"], self.weights.get(p + "bias"))
+        p, w = f"blk.{i}.{name}.", self.weights.layer(i)
+        y = F.linear(x, w[p + "weight"], w.get(p + "bias"))
         return y if self.linear_hook is None else self.linear_hook(i, name, x, y)
 
     def fused_rows(self, i: int, name: str) -> tuple[str, int]:
@@ -241,8 +233,8 @@ class Transformer:
             if name in parts:
                 start = 0
                 for part in parts[: parts.index(name)]:  # (phi3's ffn_up is all of gate|up: no ffn_gate)
-                    before = self.weights.get(f"blk.{i}.{part}.weight")
-                    start += 0 if before is None else before.shape[-2]
+                    before = f"blk.{i}.{part}.weight"
+                    start += self.weights.shape(before)[-2] if before in self.weights else 0
                 return fused, start
         return name, 0
 
@@ -263,11 +255,13 @@ class Transformer:
                 factors = self.weights.get("rope_factors_long.weight" if key[0] > cfg.rope_original_context
                                            else "rope_factors_short.weight")
             if factors is not None and not local:
-                inv_freq = inv_freq / factors.to(torch.float64)[:n]
+                inv_freq = inv_freq / factors.to("cpu", torch.float64)[:n]
             angles = torch.arange(key[0], dtype=torch.float64)[:, None] / scale * inv_freq  # (T, D/2)
             m = cfg.rope_attn_factor  # llama.cpp scales cos and sin by it (so q·k by its square)
-            self._rope_cache[key] = ((angles.cos() * m).to(self.dtype), (angles.sin() * m).to(self.dtype))
+            self._rope_cache[key] = ((angles.cos() * m).to(self.device, self.dtype),
+                                     (angles.sin() * m).to(self.device, self.dtype))
         cos, sin = self._rope_cache[key]
+        positions = positions.to(cos.device)
         return cos[positions], sin[positions]  # (T, D/2) each
 
     def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -293,7 +287,8 @@ class Transformer:
                 rot = torch.cat((first, second), dim=-1)
             return torch.cat((rot, x[..., r:]), dim=-1) if r < x.shape[-1] else rot
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if self.config.rope_interleaved:  # one complex multiply: 7× faster than four strided passes
+        if self.config.rope_interleaved and x.dtype in (torch.float32, torch.float64):  # one complex multiply: 7×
+            # faster than four strided passes (torch has no bfloat16 complex numbers: those take the passes)
             torch.mul(as_complex(x), torch.complex(cos, sin), out=as_complex(out))
         else:
             (a, b), (first, second) = pairs(x), pairs(out)
@@ -305,6 +300,7 @@ class Transformer:
 
     def _window_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """Sliding-window causal mask (T, T), True where a query may attend: 0 <= q - k < window."""
+        positions = positions.to(self.device)
         dist = positions[:, None] - positions[None, :]  # (T, T)
         return (dist >= 0) & (dist < self.config.sliding_window)
 
@@ -331,6 +327,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     B, T, H, D = q.shape
     K = k.shape[2]
+    if q.device.type != "cpu":  # on a GPU, torch's fused (flash / memory-efficient) kernel
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=scale, enable_gqa=H != K)
+        return att.transpose(1, 2).reshape(B, T, H * D)
     G = H // K
     bs = ATTENTION_BLOCK
     q = (q * scale).view(B, T, K, G, D).transpose(1, 2).reshape(B, K, T * G, D)  # rows (t, g)
@@ -384,13 +384,11 @@ def token_nll_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def param_count(model: Transformer) -> int:
-    seen, total = set(), 0
-    for name, t in model.weights.items():
-        if name in model.fused_names or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel()
-    return total
+    w = model.weights
+    names = {n for n in w if not w.is_fused(n)}
+    if getattr(w, "_tied", False):
+        names.discard("output.weight")
+    return sum(math.prod(w.shape(n)) for n in names)
 
 
 def forward_flops(config: ModelConfig, n_tokens: int, n_scored: int) -> float:

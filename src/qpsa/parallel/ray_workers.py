@@ -106,7 +106,7 @@ class _Worker:
             raise QpsaError(self.error)
         state = self.states.get(job.id)
         if state is None:
-            state = function(job.setup)(self._model(job.dtype), job.args)
+            state = function(job.setup)(self._model(job.dtype, job.load), job.args)
             while len(self.states) >= STATES_KEPT:
                 self.states.pop(next(iter(self.states)))
             self.states[job.id] = state
@@ -114,14 +114,16 @@ class _Worker:
         result = function(job.work)(state, unit)
         return result, time.perf_counter() - t, f"{self.node} pid {self.pid}"
 
-    def _model(self, dtype: str):
-        if dtype not in self.models:
+    def _model(self, dtype: str, load: dict):
+        """The model loaded in `dtype` with the driver's other load settings (device, memory budget)."""
+        key = (dtype, tuple(sorted(load.items())))
+        if key not in self.models:
             import torch
 
             from qpsa.model.load import load_model
 
-            self.models[dtype] = load_model(self.path, dtype=getattr(torch, dtype))
-        return self.models[dtype]
+            self.models[key] = load_model(self.path, dtype=getattr(torch, dtype), **load)
+        return self.models[key]
 
 
 class RayExecutor:

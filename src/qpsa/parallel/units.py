@@ -16,12 +16,15 @@ _job_ids = itertools.count()
 class Job:
     """One kind of work over one model: `setup` and `work` are "module:function" import paths, so a
     worker finds them by name; `args` (tokens, windows, settings: anything picklable) go to each
-    worker once. `dtype` is the torch dtype name the worker's model is loaded in."""
+    worker once. `dtype` is the torch dtype name the worker's model is loaded in, `load` the rest of
+    `load_model`'s keyword arguments (the driver's `Transformer.load_options`: --device,
+    --max-memory and the memory plan's inputs), so a worker loads the model as the driver did."""
 
     setup: str  # setup(loaded, args) -> state
     work: str  # work(state, unit) -> result
     args: Any = None
     dtype: str = "float32"
+    load: dict = field(default_factory=dict)
     local_state: Any = None  # the state as this process already has it (LocalExecutor uses it, no setup)
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
 

@@ -336,7 +336,7 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
         advance(steps=units[key][0].shape[0])
 
     job = Job("qpsa.quant.imatrix:setup_imatrix", "qpsa.quant.imatrix:window_sums", None,
-              str(model.dtype).removeprefix("torch."), local_state=model)
+              str(model.dtype).removeprefix("torch."), load=model.load_options, local_state=model)
     (executor or LocalExecutor()).run(job, units, finished)
 
     in_sum2, in_sum, counts = {}, {}, {}
@@ -345,10 +345,10 @@ def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance
         for part in parts or [fused]:  # none: the file stores the fused matrix itself (phi3's attn_qkv)
             name = f"blk.{layer}.{part}.weight"
             if name in model.weights:  # (n_mat, in): one row, or one per expert
-                in_sum2[name] = s2.float().numpy().reshape(-1, s2.shape[-1])
-                in_sum[name] = sum1[(layer, fused)].float().numpy().reshape(-1, s2.shape[-1])
+                in_sum2[name] = s2.float().cpu().numpy().reshape(-1, s2.shape[-1])
+                in_sum[name] = sum1[(layer, fused)].float().cpu().numpy().reshape(-1, s2.shape[-1])
                 c = count[(layer, fused)]
-                counts[name] = np.array(c.numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
+                counts[name] = np.array(c.cpu().numpy() if isinstance(c, torch.Tensor) else c, dtype=np.int64).reshape(-1)
     top = max((int(c.max()) for c in counts.values()), default=0)
     return Imatrix(in_sum2, counts, [dataset], (top + ctx // 2) // ctx, ctx, in_sum)
 
@@ -365,7 +365,7 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
     sums: dict = {}
 
     def hook(layer: int, fused: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rows = x[mask]  # (R, in): the collected positions
+        rows = x[mask.to(x.device)]  # (R, in): the collected positions
         s2, s1, n = rows.square().sum(0, dtype=torch.float64), rows.sum(0, dtype=torch.float64), rows.shape[0]
         if (layer, fused) in sums:
             before = sums[(layer, fused)]
@@ -378,8 +378,9 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
         key = (layer, fused)
         if key not in sums:
             shape = (model.config.n_expert, x.shape[-1])
-            sums[key] = (torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
-                         torch.zeros(shape[0], dtype=torch.int64))
+            sums[key] = (torch.zeros(shape, dtype=torch.float64, device=x.device),
+                         torch.zeros(shape, dtype=torch.float64, device=x.device),
+                         torch.zeros(shape[0], dtype=torch.int64, device=x.device))
         s2, s1, n = sums[key]
         s2[e] += x.square().sum(0, dtype=torch.float64)
         s1[e] += x.sum(0, dtype=torch.float64)
@@ -390,7 +391,9 @@ def window_sums(model, unit: tuple[torch.Tensor, torch.Tensor]) -> dict:
     model.linear_hook, model.expert_hook = hook, expert_hook
     try:
         with torch.inference_mode():
-            model.run_layers(model.embed(tokens), range(model.config.n_layer), torch.arange(tokens.shape[1]))
+            model.run_layers(model.embed(tokens), range(model.config.n_layer),
+                             torch.arange(tokens.shape[1], device=model.device))
     finally:
         model.linear_hook, model.expert_hook = previous, previous_expert
-    return sums
+    # on the CPU: a unit's result travels back from a Ray worker whatever device the worker computed on
+    return {k: (s2.cpu(), s1.cpu(), n.cpu() if isinstance(n, torch.Tensor) else n) for k, (s2, s1, n) in sums.items()}

@@ -147,7 +147,7 @@ class Predictors:
         was = {p: t.requires_grad for p, t in params.items()}
         tokens, s0 = self.windows.tokens, self.windows.score_from
         n, T = tokens.shape
-        positions = torch.arange(T)
+        positions = torch.arange(T, device=model.device)
         gen = torch.Generator().manual_seed(self.seed)
         g_sum = {nm: torch.zeros_like(model.weights[nm]) for nm in names}
         g_sq = {nm: torch.zeros_like(model.weights[nm]) for nm in names}
@@ -170,7 +170,7 @@ class Predictors:
                         ids = tokens[w : w + 1]
                         h = model.run_layers(model.embed(ids), range(model.config.n_layer), positions)
                         logp = torch.log_softmax(model.logits(h[:, s0:-1])[0].float(), dim=-1)  # (S, V)
-                        target = ids[0, s0 + 1 :, None]
+                        target = ids[0, s0 + 1 :, None].to(logp.device)
                         t1 = time.perf_counter()
                         g = grads(-logp.gather(-1, target).sum(), retain=True)
                         for nm in names:
@@ -180,7 +180,8 @@ class Predictors:
                         t2 = time.perf_counter()
                         probs = logp.detach().exp()
                         for r in range(self.draws):
-                            drawn = torch.multinomial(probs, 1, generator=gen)  # (S, 1)
+                            # drawn on the CPU: the same labels whatever the device (S, 1)
+                            drawn = torch.multinomial(probs.cpu(), 1, generator=gen).to(logp.device)
                             g = grads(logp.gather(-1, drawn).sum(), retain=r < self.draws - 1)
                             for nm in names:
                                 drawn_sq[nm] += g[nm].square()

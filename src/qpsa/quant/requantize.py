@@ -355,16 +355,22 @@ def requantize_model(loaded, base: str | Preset | GGMLQuantizationType, override
                      imatrix: Imatrix | None = None, **options):
     """A LoadedModel whose weights are `loaded`'s requantized (see choose_types for the options; `imatrix`
     weights the quantizers); same config and tokenizer, nothing written to disk. `.name` says what was done."""
-    from qpsa.gguf.quants import dequantize
     from qpsa.model.transformer import Transformer
+    from qpsa.model.weights import QuantizedTensor, WeightStore
 
     start = time.perf_counter()
     preset = uniform_preset(base) if isinstance(base, GGMLQuantizationType) else preset_named(base)
     choices = choose_types(loaded.file, preset, overrides, imatrix=imatrix, **options)
-    weights = {}
+    sources = {}  # the requantized bytes, dequantized as the base model's are (whole, or layer by layer)
     for name, qtype, shape, raw in requantized_tensors(loaded.file, choices, advance, imatrix):
-        weights[name] = dequantize(np.asarray(raw), qtype, shape)
-    model = Transformer(loaded.config, weights, dtype=loaded.model.dtype)
+        sources[name] = QuantizedTensor(name, tuple(shape), GGMLQuantizationType(qtype), np.asarray(raw).reshape(-1))
+    base_weights = loaded.model.weights
+    store = WeightStore(sources, dtype=base_weights.dtype, device=base_weights.device, budget=0.0)
+    if base_weights.resident:
+        store.make_resident()
+    else:
+        store.budget = base_weights.budget
+    model = Transformer(loaded.config, store)
     label = preset.name + "".join(f", {p}={t.name}" for p, t in overrides) + (" with imatrix" if imatrix is not None else "")
     seconds = time.perf_counter() - start
     return dataclasses.replace(loaded, name=f"{loaded.name} requantized to {label}", model=model,

@@ -158,7 +158,7 @@ class Reference:
         finally:
             model.route_observer = previous
         self.expert_usage = None if usage is None else usage.to_dict()
-        self.nll = torch.cat(nll).numpy()  # (n·S,) float64
+        self.nll = torch.cat(nll).cpu().numpy()  # (n·S,) float64
         self.ppl = math.exp(float(self.nll.mean()))
 
     def _targets(self, w: int) -> torch.Tensor:
@@ -196,9 +196,10 @@ class Reference:
         finally:
             for name, v in saved.items():
                 weights[name].copy_(v)
-        kld = torch.cat(kld).numpy()
-        nll = torch.cat(nll).numpy()
-        same = torch.cat(same).numpy()
+            weights.release(saved)  # restored to the file's values: on demand, the layers need not stay
+        kld = torch.cat(kld).cpu().numpy()
+        nll = torch.cat(nll).cpu().numpy()
+        same = torch.cat(same).cpu().numpy()
         dnll, dnll_se = mean_se(nll - self.nll)
         kmean, kse = mean_se(kld)
         smean, sse = mean_se(same)
@@ -321,7 +322,7 @@ def reference_job(loaded, ref: Reference, imatrix=None):
     if job is None:
         job = Job("qpsa.quant.sensitivity:setup_reference", "qpsa.quant.sensitivity:measure_group",
                   {"windows": ref.windows, "imatrix": imatrix}, str(ref.model.dtype).removeprefix("torch."),
-                  local_state=(loaded, ref, imatrix))
+                  load=loaded.model.load_options, local_state=(loaded, ref, imatrix))
         ref._job = job
     return job
 

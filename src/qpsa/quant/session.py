@@ -17,14 +17,15 @@ class MeasurementSession:
     pass over them (made on first use), and the output folder."""
 
     def __init__(self, model: str, text: str | None, dataset: str | None, ctx: int, chunks: int, out: Path,
-                 progress: Progress = SILENT, held_out: bool = False, imatrix: str | None = None):
+                 progress: Progress = SILENT, held_out: bool = False, imatrix: str | None = None,
+                 compute: dict | None = None):
         from qpsa.eval.perplexity import make_windows
         from qpsa.model.load import load_model
         from qpsa.sources.texts import resolve_text
 
         self.out = out
         self.text = resolve_text(text, dataset)
-        self.loaded = load_model(model)
+        self.loaded = load_model(model, batch=1, ctx=ctx, **(compute or {}))
         self.imatrix = None  # with an importance matrix, every requantization is weighted by it
         self.imatrix_sha256 = None
         if imatrix is not None:

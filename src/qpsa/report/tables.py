@@ -22,6 +22,10 @@ def run_header(console: Console, loaded, eval_text, detail: str, layers: bool = 
     n_layer = f"  {loaded.config.n_layer} layers" if layers else ""
     console.print(f"[bold]{loaded.config.arch}[/] {loaded.path.name}{n_layer}  sha256 {loaded.file.sha256[:16]}…  "
                   f"(loaded in {loaded.load_seconds:.1f} s)")
+    compute = loaded.compute() if hasattr(loaded, "compute") else None
+    if compute:
+        weights = f", weights {compute['weights']}" if "weights" in compute else ""
+        console.print(f"device {compute['device']}, dtype {compute['dtype']}{weights}")
     console.print(f"text {eval_text.name}  sha256 {eval_text.sha256[:16]}…  {detail}")
 
 

@@ -65,7 +65,7 @@ def layer_states(loaded: LoadedModel, tokens: EvalTokens, advance: Advance = no_
     was changed (in place or by replacing the tensor) are never returned. `advance` gets one step
     per layer when the states are computed, nothing when they come from the cache."""
     model, ids = loaded.model, tokens.tokens
-    weights = tuple((id(t), t._version) for t in model.weights.values())
+    weights = model.weights.fingerprint()
     ref = _cache.get("model")
     if (ref is not None and ref() is model and _cache["weights"] == weights
             and _cache["tokens"].shape == ids.shape and torch.equal(_cache["tokens"], ids)):
@@ -151,7 +151,8 @@ def layer_ablation(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSetti
         if key in finished:
             advance(steps=ablation_steps(cfg, T, a, b))
     job = Job("qpsa.scores.baselines:setup_ablation", "qpsa.scores.baselines:ablate_layers",
-              {"tokens": tokens.tokens}, str(model.dtype).removeprefix("torch."), local_state=(model, states))
+              {"tokens": tokens.tokens}, str(model.dtype).removeprefix("torch."),
+              load=model.load_options, local_state=(model, states))
     executor = executor or LocalExecutor(loaded)
     executor.run(job, {k: u for k, u in units.items() if k not in finished}, on_result)
     for key, (a, b) in units.items():
@@ -200,7 +201,8 @@ def ablate_layers(state, unit: tuple[int, int]) -> torch.Tensor:
                 h = model.block(k, h, states.positions)
             if k < b:  # the ablation of layer k enters layer k+1 with the state that entered k
                 h = states.states[k] if h is None else torch.cat([h, states.states[k]])
-        return torch.stack([token_nll(model, h[j : j + 1], states.tokens)[0].double() for j in range(b - a)])
+        # on the CPU: the result may travel back from a Ray worker
+        return torch.stack([token_nll(model, h[j : j + 1], states.tokens)[0].double() for j in range(b - a)]).cpu()
 
 
 def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings,
@@ -208,11 +210,11 @@ def weight_norm(loaded: LoadedModel, tokens: EvalTokens, settings: ScoreSettings
     """score_i = sqrt(Σ over the dequantized matrices of Σ w²): one Frobenius norm of them all (an MoE
     layer's: the router and every expert)."""
     start = time.perf_counter()
-    w = loaded.model.weights
     matrices = loaded.config.matrices
     scores, per_matrix = [], {m: [] for m in matrices}
     for i in range(loaded.config.n_layer):
         total = 0.0
+        w = loaded.model.weights.layer(i)  # the forward's access: on a large model, nothing is kept
         for m in matrices:
             sq = float(w[f"blk.{i}.{m}.weight"].double().square().sum())
             per_matrix[m].append(math.sqrt(sq))

@@ -67,7 +67,7 @@ def token_stats(base_rows: np.ndarray, other_logits: torch.Tensor, targets) -> T
             out["kld"].append(kld)
             out["p_diff"].append(torch.exp(-nll) - torch.exp(-nll_base))
             out["same_top"].append(other_logits[a:b].argmax(dim=-1) == log_p.argmax(dim=-1))
-    return TokenStats(**{k: torch.cat(v).numpy() for k, v in out.items()})
+    return TokenStats(**{k: torch.cat(v).cpu().numpy() for k, v in out.items()})
 
 
 def percentile(sorted_values: np.ndarray, fraction: float) -> float:

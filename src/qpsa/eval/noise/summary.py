@@ -28,7 +28,7 @@ def describe(x: torch.Tensor) -> Summary:
     x = x.double().flatten()
     n = x.numel()
     mean, se = mean_se(x)
-    a = x.numpy()
+    a = x.cpu().numpy()
     return Summary(mean, se, float(np.median(a)), float(np.percentile(a, 99)), float(a.max()), n)
 
 

@@ -61,8 +61,10 @@ class QuantGrid:
         raise NotImplementedError
 
     def dequantize_with_gguf(self, b: torch.Tensor) -> torch.Tensor:
-        """`dequantize_torch` through gguf-py's numpy dequantizer: for types that have no torch one yet."""
-        return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(b.numpy(), self.qtype), dtype=np.float32))
+        """`dequantize_torch` through gguf-py's numpy dequantizer: for types that have no torch one yet
+        (on a GPU, the blocks make a round trip through the CPU)."""
+        values = np.ascontiguousarray(gguf_dequantize(b.cpu().numpy(), self.qtype), dtype=np.float32)
+        return torch.from_numpy(values).to(b.device)
 
     # helpers for the subclasses
 

@@ -251,7 +251,7 @@ class Q5_K(QuantGrid):
         qh = b[:, 16:48]  # (n, 32): bit i of byte l is the high bit of element l of sub-block i
         qs = b[:, 48:].reshape(n, 4, 32)
         ql = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(n, 8, 32)
-        bits = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+        bits = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
         q = (ql | (((qh[:, None, :] >> bits) & 1) << 4)).float()
         return _k_values(b, q, 8)
 
@@ -310,9 +310,9 @@ class Q6_K(QuantGrid):
     def dequantize_torch(self, b):
         n = b.shape[0]
         ql = b[:, :128].reshape(n, 2, 1, 64)
-        ql = (ql >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)) & 0x0F  # (n, 2, 2, 64)
+        ql = (ql >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(1, 1, 2, 1)) & 0x0F  # (n, 2, 2, 64)
         qh = b[:, 128:192].reshape(n, 2, 1, 32)
-        qh = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 0x03  # (n, 2, 4, 32)
+        qh = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)) & 0x03  # (n, 2, 4, 32)
         q = (ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
         scales = b[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16)
         d = (read_f16_torch(b[:, 208:210]) * scales).view(n, 16, 1)

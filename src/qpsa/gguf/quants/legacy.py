@@ -271,5 +271,5 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def _high_bits(qh: torch.Tensor, n_bits: int) -> torch.Tensor:
     """(n, 4) uint8 = one little-endian uint32 -> (n, n_bits) uint8 with bit j of it at column j."""
-    bits = torch.arange(8, dtype=torch.uint8)
+    bits = torch.arange(8, dtype=torch.uint8, device=qh.device)
     return ((qh[:, :, None] >> bits) & 1).reshape(qh.shape[0], -1)[:, :n_bits]

@@ -128,9 +128,12 @@ class Evaluator:
 def other_precision(model) -> torch.nn.Module:
     """A copy of `model` in the other float precision (float32 <-> float64), for the noise floor."""
     from qpsa.model.transformer import Transformer
+    from qpsa.model.weights import WeightStore
 
     other = torch.float64 if model.dtype == torch.float32 else torch.float32
     w = model.weights
-    weights = {k: v for k, v in w.items() if k not in model.fused_names
+    if not w.resident and not w._pinned:  # weights on demand, none edited: the same sources, on demand too
+        return Transformer(model.config, WeightStore(w._sources, dtype=other, device=w.device, budget=w.budget))
+    weights = {k: v for k, v in w.items() if not w.is_fused(k)
                and not (k == "output.weight" and v is w.get("token_embd.weight"))}
     return Transformer(model.config, weights, dtype=other)

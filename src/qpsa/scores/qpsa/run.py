@@ -190,7 +190,7 @@ def qpsa_job(loaded, tokens: EvalTokens, settings: QpsaSettings, ev: Evaluator |
     state = None if ev is None else (loaded, ev, settings)
     return Job("qpsa.scores.qpsa.run:setup_evaluator", "qpsa.scores.qpsa.run:evaluate_unit",
                {"tokens": tokens.tokens, "settings": settings}, str(settings.dtype).removeprefix("torch."),
-               local_state=state)
+               load=loaded.model.load_options, local_state=state)
 
 
 def setup_evaluator(loaded, args: dict):
