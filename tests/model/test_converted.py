@@ -157,3 +157,43 @@ def test_pruned_gemma2_file_keeps_each_layers_attention(tmp_path, llama_cpp):
     assert np.abs(ours - original[0].double().numpy()).max() < 1e-4
     kld, top1 = kld_top1(llamacpp_logits(pruned, tokens), ours)
     assert kld <= 0.01 and top1 >= 0.95, (kld, top1)
+
+
+@pytest.mark.parametrize("family", ["llama3", "phi3", "qwen3moe"])
+def test_converted_file_on_demand_equals_resident(family):
+    """Weights dequantized layer by layer (a tight --max-memory) give the resident model's logits
+    exactly on converted files too: phi3's own attn_qkv and its gate|up ffn_up (read by the forward
+    as ffn_gate_up) come out of the store's lazy build as out of the resident one; the layer names,
+    parameter count and store-made entries are the same; a write into phi3's ffn_up reaches the forward."""
+    import torch
+    from helpers.converted import sample_tokens
+
+    from qpsa.gguf.read import open_gguf
+    from qpsa.model.budget import plan_memory
+    from qpsa.model.load import load_model
+    from qpsa.model.transformer import param_count
+    from qpsa.model.weights import WeightStore
+
+    path = converted(family)
+    resident = load_model(str(path), tokenizer=False)
+    store = WeightStore.from_gguf(open_gguf(path), budget=0.0)
+    plan = plan_memory(resident.config, store, torch.device("cpu"), max_memory=2**40, ctx=32, batch=1)
+    lazy = load_model(str(path), tokenizer=False, max_memory=plan.minimum + store.layer_bytes() // 2, ctx=32, batch=1)
+    assert resident.model.weights.resident and not lazy.model.weights.resident
+    a, b = resident.model, lazy.model
+    assert a.fused_names == b.fused_names and param_count(a) == param_count(b)
+    for i in range(a.config.n_layer):
+        assert sorted(a.layer_names(i)) == sorted(b.layer_names(i)), i
+    if family == "phi3":
+        assert "blk.0.attn_qkv.weight" not in a.fused_names and "blk.0.ffn_gate_up.weight" in a.fused_names
+    tokens = torch.tensor([sample_tokens(family, 32)])
+    with torch.inference_mode():
+        before = a(tokens)
+        assert torch.equal(before, b(tokens))
+    if family == "phi3":
+        for m in (a, b):
+            with torch.no_grad():
+                m.weights["blk.1.ffn_up.weight"].mul_(0.5)
+        with torch.inference_mode():
+            after = a(tokens)
+            assert not torch.equal(after, before) and torch.equal(after, b(tokens))
