@@ -127,9 +127,9 @@ def predictors_report(console: Console, r) -> None:
     """Per type: each predictor's Spearman ρ against the measured KLD and its cost beside the measurement's."""
     for qtype in r.measured:
         table = Table(title=f"Predictors of the measured KLD, each {r.granularity} alone to {qtype} "
-                            f"(measurement: {r.measurement_passes:.0f} forward passes, {r.measurement_seconds[qtype]:.0f} s)")
-        for col in ("predictor", "Spearman ρ", "95% interval", "groups", "forward passes", "% of measurement", "seconds",
-                    "% of its seconds"):
+                            f"(Spearman ρ; cost in forward passes; measurement: {r.measurement_passes:.0f} passes, "
+                            f"{r.measurement_seconds[qtype]:.0f} s)")
+        for col in ("predictor", "ρ", "95% CI", "n", "passes", "% of meas.", "s", "% of meas. s"):
             table.add_column(col, justify="left" if col == "predictor" else "right", no_wrap=True)
         for row in sorted((x for x in r.rows if x.qtype == qtype), key=lambda x: -(x.rho if x.rho == x.rho else -2)):
             table.add_row(row.predictor, f"{row.rho:.3f}", f"[{row.lo:.3f}, {row.hi:.3f}]", str(row.n),
