@@ -53,8 +53,6 @@ CASES = [(c, b) for c in NAMES for b in ("device", "below-layer")] + [
 def test_bad_compute_options_are_one_line(command, bad, tiny, tmp_path, capsys):
     option, needles = BAD[bad]
     args = commands(tiny, tmp_path)[command]
-    if command == "score" and option[0] == "--dtype":
-        pytest.skip("score's precision is --precision (float32 or float64)")
     code, _, err = run(capsys, *args, *option)
     assert_user_error(code, err, *needles)
 
