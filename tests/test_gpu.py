@@ -39,6 +39,20 @@ def test_dequantization_on_the_gpu_equals_the_cpu(name):
             assert b[n].device.type == "cuda" and torch.equal(a[n], b[n].cpu()), n
 
 
+def test_every_torch_dequantizer_on_the_gpu_equals_the_cpu():
+    """Every type, random blocks: the GPU's values bit for bit the CPU's (NaN where both are NaN)."""
+    import numpy as np
+
+    from qpsa.gguf.quants import GRIDS
+
+    rng = np.random.default_rng(0)
+    for qtype, grid in GRIDS.items():
+        blocks = torch.from_numpy(rng.integers(0, 256, size=(257, grid.type_size), dtype=np.uint8))
+        a, b = grid.dequantize_torch(blocks), grid.dequantize_torch(blocks.cuda())
+        assert b.device.type == "cuda", qtype.name
+        assert torch.equal(a.view(torch.int32), b.cpu().view(torch.int32)), qtype.name
+
+
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_float32_ppl_on_the_gpu_matches_the_cpu(name, capsys):
     results = {}

@@ -67,7 +67,7 @@ types' weights depend on the mean square of the whole row, so `quantize` then ha
 (`gguf.quants.dequantize`, the reference, here `dequantize_blocks`), as whole-tensor torch
 operations, so the values are identical (tests compare every tensor of both bundled models). gguf's
 numpy code spends most of a model load on the largest tensors (9 s for Gemma 3's Q8_0 embedding).
-Q2_K and Q3_K use gguf's numpy code for now; types without a class fall back to it too.
+Types without a class fall back to gguf's numpy code.
 
 Adding a quant type
 -------------------

@@ -27,8 +27,6 @@ it for Q3_K, Q4_K, Q5_K); Q6_K uses imatrix[column] alone:
 
 In every K-quant the codes are then recomputed from the stored, rounded scales (a sub-block whose
 stored scale is 0 keeps the codes of its search).
-
-Q2_K and Q3_K have no torch dequantizer yet: they use gguf-py's numpy one (same values, slower).
 """
 
 from __future__ import annotations
@@ -113,7 +111,13 @@ class Q2_K(QuantGrid):
         blocks[:, 82:84] = half_bytes(dmin)
         return self.encode(codes, blocks)
 
-    dequantize_torch = QuantGrid.dequantize_with_gguf  # no torch dequantizer yet
+    def dequantize_torch(self, b):
+        n = b.shape[0]
+        sc = b[:, 0:16]
+        dl = (read_f16_torch(b[:, 80:82]) * (sc & 0x0F).float()).view(n, 16, 1)
+        ml = (read_f16_torch(b[:, 82:84]) * (sc >> 4).float()).view(n, 16, 1)
+        q = _two_bit_fields(b[:, 16:80]).view(n, 16, 16).float()
+        return (dl * q - ml).view(n, -1)
 
 
 class Q3_K(QuantGrid):
@@ -178,7 +182,16 @@ class Q3_K(QuantGrid):
         blocks[:, 108:110] = half_bytes(d)
         return self.encode(codes, blocks)
 
-    dequantize_torch = QuantGrid.dequantize_with_gguf  # no torch dequantizer yet
+    def dequantize_torch(self, b):
+        n = b.shape[0]
+        low = b[:, 96:104].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(1, 2, 1)
+        high = b[:, 104:108].reshape(n, 1, 4) >> _SHIFTS_2BIT.to(b.device).view(1, 4, 1)
+        raw = (low.reshape(n, 16) & 0x0F) | ((high.reshape(n, 16) & 0x03) << 4)  # 6-bit scales, 0..63
+        dl = (read_f16_torch(b[:, 108:110]) * (raw.to(torch.int8) - 32).float()).view(n, 16, 1)
+        hbits = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
+        high_bit = ((b[:, 0:32].reshape(n, 1, 32) >> hbits) & 1).reshape(n, 256)  # bit j of hmask: weights 32j..32j+31
+        q = _two_bit_fields(b[:, 32:96]).to(torch.int8) - ((high_bit ^ 1) << 2).to(torch.int8)  # -4..3
+        return (dl * q.view(n, 16, 16).float()).view(n, -1)
 
 
 class Q4_K(QuantGrid):
@@ -343,6 +356,15 @@ def _k_scales_mins_torch(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
     mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
     return sc, mn
+
+
+_SHIFTS_2BIT = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def _two_bit_fields(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K's low bits: (n, 64) bytes -> (n, 256) values 0..3; weight 128h + 32k + j is bits 2k..2k+1 of byte 32h + j."""
+    n = qs.shape[0]
+    return ((qs.reshape(n, 2, 1, 32) >> _SHIFTS_2BIT.to(qs.device).view(1, 1, 4, 1)) & 0x03).reshape(n, 256)
 
 
 def _k_values(b, q, n_sub):
