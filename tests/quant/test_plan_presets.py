@@ -51,6 +51,13 @@ def test_target_preset_budget_is_the_presets_size_and_presets_are_measured(capsy
     assert "Q4_K_M" in labels and set(labels) <= set(PRESET_NAMES)
     below = [p for p in plan["presets"] if p["bytes"] < n_bytes]
     assert below, "the nearest preset below the budget is measured too"
+    # every preset and uniform type that fits the budget is measured: the fallback's candidates
+    gguf_file = open_gguf(tiny[0])
+    fit = {name for name in PRESET_NAMES if preset_size(gguf_file, name)[0] <= n_bytes}
+    assert fit <= set(labels)
+    uniform_fit = {f"uniform {t.upper()}" for t in ("q8_0", "q4_k", "q2_k")
+                   if sum(c.n_bytes for c in choose_types(gguf_file, t.upper(), fallback=True)) <= n_bytes}
+    assert uniform_fit and uniform_fit <= {u["label"] for u in plan["uniform"]}
     for p in plan["presets"]:  # shaped like the uniform entries, which the HTML report draws
         assert set(plan["uniform"][0]) <= set(p) and p["kld"] > 0 and 0 <= p["same_top"] <= 1
     if plan["fallback"] is None:

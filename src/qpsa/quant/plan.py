@@ -261,12 +261,13 @@ def make_plan(session, qtypes: list[GGMLQuantizationType], target_bpw: float | N
     plan_bytes = sum(c.n_bytes for c in choices)
     sizes = [(sum(c.n_bytes for c in uc), f"uniform {qtype.name}", uc)
              for qtype in qtypes for uc in [choose_types(gguf_file, qtype, fallback=True, imatrix=imatrix)]]
-    # the presets within the candidates' range, and always the nearest above and below the budget
+    # every preset and uniform type that fits the budget (the fallback's candidates), the presets within
+    # the candidates' range, and the nearest of each above the budget and around the plan's size
     preset_sizes = sorted(((sum(c.n_bytes for c in pc), name, pc) for name, pc in preset_choices.items()),
                           key=lambda r: r[0])
-    picked = [r for r in preset_sizes if lo <= r[0] <= hi or r in _nearest(preset_sizes, total_budget)]
-    checked = {label: (_measure(held, loaded, c, label, imatrix), c)
-               for _, label, c in _nearest(sizes, plan_bytes) + picked}
+    picked = [r for r in preset_sizes if lo <= r[0] <= hi or r[0] <= total_budget or r in _nearest(preset_sizes, total_budget)]
+    picked += [r for r in sizes if r[0] <= total_budget or r in _nearest(sizes, plan_bytes) + _nearest(sizes, total_budget)]
+    checked = {label: (_measure(held, loaded, c, label, imatrix), c) for _, label, c in picked}
     uniform = [m for m, _ in checked.values() if m.label.startswith("uniform ")]
     presets = [m for m, _ in checked.values() if not m.label.startswith("uniform ")]
 
