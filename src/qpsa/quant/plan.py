@@ -147,7 +147,8 @@ class PlanResult:
         files.append(str(recipe))
         if output:
             with progress.task("writing the planned GGUF", len(self.choices)) as advance:
-                write_requantized(self._gguf_file, self.choices, output, advance, imatrix=self._imatrix)
+                write_requantized(self._gguf_file, self.choices, output, advance, imatrix=self._imatrix,
+                                  cached=True)
             files.append(str(output))
         return files
 
@@ -382,7 +383,7 @@ def _measure(ref: Reference, loaded, choices: list[TensorChoice], label: str, im
 
     changed = [c for c in choices if c.target != c.source]
     values = {}
-    for name, qtype, shape, raw in requantized_tensors(loaded.file, changed, imatrix=imatrix):
+    for name, qtype, shape, raw in requantized_tensors(loaded.file, changed, imatrix=imatrix, cached=True):
         values[name] = dequantize(np.asarray(raw), qtype, shape)
     stats = ref.measure(values, 0)
     n_bytes = sum(c.n_bytes for c in choices)

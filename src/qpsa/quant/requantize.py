@@ -274,13 +274,20 @@ def size_summary(choices: Sequence[TensorChoice]) -> dict:
 
 
 def requantized_tensors(
-    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress, imatrix: Imatrix | None = None
+    gguf_file: GGUFFile, choices: Sequence[TensorChoice], advance: Advance = no_progress, imatrix: Imatrix | None = None,
+    cached: bool = False,
 ) -> Iterator[tuple[str, GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
     """(name, type, shape, raw bytes) of every tensor in its chosen type; unchanged ones are the file's bytes.
-    With an `imatrix`, a tensor that has an entry is quantized with its weights, one row of them per matrix."""
+    With an `imatrix`, a tensor that has an entry is quantized with its weights, one row of them per matrix.
+    `cached`: through (and into) `REQUANTIZED`, for callers that requantize the same tensors again (plan)."""
     for c in choices:
         t = gguf_file.tensors[c.name]
-        raw = t.raw if c.target == t.qtype else quantized_raw(c.name, t.to_torch().numpy(), c.target, imatrix)
+        if c.target == t.qtype:
+            raw = t.raw
+        elif cached:
+            raw = REQUANTIZED.raw(gguf_file, c.name, c.target, imatrix)
+        else:
+            raw = quantized_raw(c.name, t.to_torch().numpy(), c.target, imatrix)
         advance(c.name)
         yield c.name, c.target, c.shape, raw
 
@@ -299,9 +306,65 @@ def quantized_raw(name: str, values: np.ndarray, target: GGMLQuantizationType,
     return quantize(values.reshape(-1, n), target).reshape(-1)
 
 
+class RequantizedCache:
+    """The file tensors' requantized blocks, kept so that one tensor is quantized once per type
+    within a process: `plan` requantizes each candidate to measure it (or, with an estimator, to
+    predict it), then the plan, the uniform types and the presets for its held-out check — mostly
+    the same (tensor, type, imatrix) triples. Keyed by the tensor's place in its file (path, size,
+    mtime, name), the target type and the imatrix weights' bytes, so an edited file or another
+    imatrix never hits. Least recently used entries go first beyond `max_bytes`
+    (QPSA_REQUANT_CACHE_MB, default 2048; 0 turns it off). The blocks are shared: callers copy
+    before changing them (`dequantize` does)."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.n_bytes = 0
+        self.hits = self.misses = 0
+
+    def raw(self, gguf_file: GGUFFile, name: str, target: GGMLQuantizationType,
+            imatrix: Imatrix | None = None) -> np.ndarray:
+        """`quantized_raw` of the file's tensor `name`, from the cache where it is there."""
+        import hashlib
+
+        t = gguf_file.tensors[name]
+        if self.max_bytes <= 0:
+            return quantized_raw(name, t.to_torch().numpy(), target, imatrix)
+        stat = os.stat(gguf_file.path)
+        weights = None
+        if imatrix is not None and name in imatrix.in_sum2:
+            weights = hashlib.sha256(np.ascontiguousarray(imatrix.mean(name), dtype=np.float32).tobytes()).hexdigest()
+        key = (str(Path(gguf_file.path).resolve()), stat.st_size, stat.st_mtime_ns, name, target, weights)
+        raw = self.entries.get(key)
+        if raw is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return raw
+        self.misses += 1
+        raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
+        raw.setflags(write=False)
+        if raw.nbytes <= self.max_bytes:
+            self.entries[key] = raw
+            self.n_bytes += raw.nbytes
+            while self.n_bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.n_bytes -= old.nbytes
+        return raw
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.n_bytes = 0
+
+
+REQUANTIZED = RequantizedCache(int(os.environ.get("QPSA_REQUANT_CACHE_MB", "2048")) << 20)
+
+
 def write_requantized(
     gguf_file: GGUFFile, choices: Sequence[TensorChoice], out: str | os.PathLike,
     advance: Advance = no_progress, file_type: int | None = None, imatrix: Imatrix | None = None,
+    cached: bool = False,
 ) -> Path:
     """Write the model with every tensor in its chosen type (metadata copied). `file_type` is the
     general.file_type to write (a preset's, `preset_named("Q4_K_M").file_type`); by default that of
@@ -323,7 +386,7 @@ def write_requantized(
         for key, (value, value_type) in imatrix_metadata(imatrix).items():
             metadata[key] = value
             types[key] = (value_type, None)
-    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance, imatrix), out)
+    return write_gguf(gguf_file, metadata, types, requantized_tensors(gguf_file, choices, advance, imatrix, cached), out)
 
 
 def imatrix_metadata(imatrix: Imatrix) -> dict[str, tuple[object, gguf.GGUFValueType]]:

@@ -40,7 +40,7 @@ from qpsa.model.moe import RouterUsage
 from qpsa.model.transformer import Transformer
 from qpsa.progress import Advance, no_progress
 from qpsa.quant.groups import GRANULARITIES, QuantGroup, quant_groups  # noqa: F401 (re-exported)
-from qpsa.quant.requantize import FALLBACK, quantized_raw
+from qpsa.quant.requantize import FALLBACK, REQUANTIZED
 from qpsa.stats import mean_se
 
 Q = GGMLQuantizationType
@@ -68,7 +68,7 @@ def group_variant(loaded, group: QuantGroup, qtype: GGMLQuantizationType,
         if target == t.qtype:
             continue  # the same bytes: unchanged values
         if group.expert is None:
-            raw = quantized_raw(name, t.to_torch().numpy(), target, imatrix)
+            raw = REQUANTIZED.raw(loaded.file, name, target, imatrix)
             values[name] = dequantize(raw, target, t.shape)
         else:  # that expert's matrix requantized, with its own imatrix row where there is one
             whole = t.to_torch()
