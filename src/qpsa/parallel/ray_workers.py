@@ -19,10 +19,15 @@ places one worker per GPU and makes that GPU the worker's only visible one (the 
 its `cuda:0`); a local cluster is started with every GPU this machine has. On the CPU an actor
 asks for `threads` CPUs and no GPU.
 
-A local cluster is started with token authentication switched on explicitly (`RAY_AUTH_MODE=token`
-unless the environment already sets a mode): Ray 2.60 switches it on anyway for a new local
-cluster, but then prints a warning that tells nothing to a q-psa user; set explicitly, the same
-mode starts without it. (The cluster listens on 127.0.0.1 only.)
+Token authentication: Ray 2.60 switches it on for every new local cluster (`ray.init()` without an
+address and without `RAY_AUTH_MODE`), creating ~/.ray/auth_token if there is none, and logs a
+warning saying so ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+to opt out") from `ray._private.authentication.authentication_token_setup`. The local cluster keeps
+that mode (it listens on 127.0.0.1 only); that one notice is dropped while it starts
+(`_quiet_token_notice`), and every other Ray message still shows. Setting RAY_AUTH_MODE=token in
+the driver's environment instead does not work once ray is imported: the driver keeps the cached
+mode and the new cluster refuses it. A driver joining a cluster by address sends its token where
+it has one (`join_auth_mode`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import socket
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from qpsa.errors import QpsaError
@@ -91,6 +97,42 @@ def check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     except OSError as e:
         raise QpsaError(f"--ray-address {address}: no Ray cluster answers there within {timeout:g} s "
                         f"({e.strerror or type(e).__name__}); start one with `ray start --head` (docs/cluster.md)") from None
+
+
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+@contextmanager
+def _quiet_token_notice():
+    """Drop Ray's notice that a new local cluster uses token authentication (module docstring)."""
+    import logging
+
+    def other(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+    logger = logging.getLogger(TOKEN_LOGGER)
+    logger.addFilter(other)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other)
+
+
+def join_auth_mode() -> bool:
+    """Whether this driver sends a token when it joins a cluster by address. Ray 2.60 sends one only
+    in `RAY_AUTH_MODE=token`, which it never sets by itself for an explicit address, so a cluster
+    with token authentication would refuse the driver even with the token at hand. Where the mode
+    is unset and a token is there (`RAY_AUTH_TOKEN`, the file at `RAY_AUTH_TOKEN_PATH`, or
+    ~/.ray/auth_token), the token mode is set: a cluster without authentication accepts it too."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
 
 
 def local_gpus() -> int:
@@ -217,21 +259,27 @@ class RayExecutor:
         import logging
 
         ray = self.ray
+        token = False
         try:
             if address is None:
                 if workers is None:
                     raise QpsaError("give --workers N (a local cluster of N workers) or --ray-address HOST:PORT")
-                os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's own default, without its warning (docstring)
-                ray.init(num_cpus=workers * self.threads, num_gpus=local_gpus() if self.options["num_gpus"] else 0,
-                         include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
+                with _quiet_token_notice():
+                    ray.init(num_cpus=workers * self.threads, num_gpus=local_gpus() if self.options["num_gpus"] else 0,
+                             include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
             else:
+                token = join_auth_mode()
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
         except QpsaError:
             raise
         except Exception as e:  # version mismatch with the cluster, authentication, no cluster at "auto"
             where = f"--ray-address {address}" if address else "a local Ray cluster"
-            raise QpsaError(f"{where}: {_first_line(e)}") from None
+            hint = ""
+            if address and not token:
+                hint = (" (a cluster with token authentication needs its token here: copy the head's ~/.ray/auth_token, "
+                        "or set RAY_AUTH_TOKEN; docs/cluster.md)")
+            raise QpsaError(f"{where}: {_first_line(e)}{hint}") from None
         self.started_here = True
 
     def pids(self) -> list[int]:

@@ -28,8 +28,9 @@ import torch
 from qpsa.errors import QpsaError
 
 SCHEMA = "q-psa/imatrix-checkpoint/1"
-_OPTION = {"model": "model (sha256", "text": "text (sha256", "tokens": "tokenization (tokens sha256",
-           "ctx": "--ctx (", "chunks": "--chunks (windows", "dtype": "--dtype (", "batch": "units of (windows"}
+# the header's fields in the order they are compared, and how a message names each
+_OPTION = {"model": "model (sha256 ", "text": "text (sha256 ", "ctx": "--ctx (", "chunks": "--chunks (windows: ",
+           "dtype": "--dtype (", "batch": "unit size (windows: ", "tokens": "tokenization (tokens sha256 "}
 
 Part = dict  # (layer, fused matrix) -> (Σx² float64, Σx float64, rows: int or int64 tensor per expert)
 
@@ -109,7 +110,7 @@ class ImatrixCheckpoint:
 
     def check_matches(self, header: dict) -> None:
         """One line naming the first setting in which `header` differs from the checkpoint's."""
-        for key in sorted(set(header) | set(self.header)):
+        for key in [*_OPTION, *sorted((set(header) | set(self.header)) - set(_OPTION))]:
             a, b = self.header.get(key), header.get(key)
             if a != b:
                 if isinstance(a, str) and len(a) == 64:
