@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -124,13 +125,20 @@ def join_auth_mode() -> bool:
     in `RAY_AUTH_MODE=token`, which it never sets by itself for an explicit address, so a cluster
     with token authentication would refuse the driver even with the token at hand. Where the mode
     is unset and a token is there (`RAY_AUTH_TOKEN`, the file at `RAY_AUTH_TOKEN_PATH`, or
-    ~/.ray/auth_token), the token mode is set: a cluster without authentication accepts it too."""
+    ~/.ray/auth_token), the token mode is set: a cluster without authentication accepts it too.
+    Ray reads the mode into its cached config when it is imported, so this runs before `import ray`
+    (where ray is already imported, the cache is refreshed as Ray itself does when it sets the mode)."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None:
         return mode.lower() == "token"
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if os.environ.get("RAY_AUTH_TOKEN") or (Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:
+            try:
+                sys.modules["ray._raylet"].Config.initialize("")
+            except Exception:  # another Ray version: the mode then applies to the next process only
+                pass
         return True
     return False
 
@@ -211,6 +219,7 @@ class RayExecutor:
             raise QpsaError(f"--workers must be at least 1 (got {workers})")
         if threads < 1:
             raise QpsaError(f"worker threads must be at least 1 (got {threads})")
+        self.token = join_auth_mode() if address is not None else False  # before `import ray` (join_auth_mode)
         ray = require_ray()
         self.ray = ray
         self.address, self.threads = address, threads
@@ -259,7 +268,6 @@ class RayExecutor:
         import logging
 
         ray = self.ray
-        token = False
         try:
             if address is None:
                 if workers is None:
@@ -269,14 +277,13 @@ class RayExecutor:
                              include_dashboard=False, log_to_driver=False,
                              _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
             else:
-                token = join_auth_mode()
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
         except QpsaError:
             raise
         except Exception as e:  # version mismatch with the cluster, authentication, no cluster at "auto"
             where = f"--ray-address {address}" if address else "a local Ray cluster"
             hint = ""
-            if address and not token:
+            if address and not self.token:
                 hint = (" (a cluster with token authentication needs its token here: copy the head's ~/.ray/auth_token, "
                         "or set RAY_AUTH_TOKEN; docs/cluster.md)")
             raise QpsaError(f"{where}: {_first_line(e)}{hint}") from None
