@@ -148,6 +148,7 @@ def _without_timing(obj):
     return obj
 
 
+@pytest.mark.slow  # three studies, two of them starting a local Ray cluster: 25-70 s
 def test_study_resumes_after_the_driver_is_killed(files, capsys, tmp_path):
     """A study on 2 Ray workers killed (SIGKILL to the driver and its local cluster) inside its Q-PSA
     step, after the baselines were checkpointed; --resume (on 2 workers) takes the finished steps

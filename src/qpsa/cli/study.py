@@ -72,6 +72,7 @@ def study(
             console().print(f"no checkpoint at {ckpt_path}; starting from the beginning")
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = StudyCheckpoint(ckpt_path, header)
+        ckpt.clear_inner()
         ckpt.save()
     ckpt.check_matches(header)
     screen = console()

@@ -182,11 +182,12 @@ def _baselines(loaded, tokens, plan: StudyPlan, progress: Progress, executor, ch
     if checkpoint is not None:
         import hashlib
 
+        from qpsa.experiments.study_checkpoint import ABLATION
         from qpsa.scores.checkpoint import AblationCheckpoint
 
         header = {"model": loaded.file.sha256, "text": tokens.text.sha256, "max_tokens": plan.max_tokens,
                   "tokens": hashlib.sha256(tokens.tokens.numpy().astype("<i8").tobytes()).hexdigest()}
-        path = checkpoint.inner("layer_ablation.ckpt")
+        path = checkpoint.inner(ABLATION)
         inner = AblationCheckpoint.load(path) if path.exists() else AblationCheckpoint(path, header)
         inner.check_matches(header)
     run = run_baselines(loaded, tokens, list(BASELINE_METHODS), ScoreSettings(plan.seed, plan.max_tokens), progress,

@@ -33,6 +33,7 @@ from qpsa.fsutil import write_atomic
 
 SCHEMA = "q-psa/study-checkpoint/1"
 NAME = "study.ckpt"
+ABLATION = "layer_ablation.ckpt"
 
 
 @dataclass
@@ -102,3 +103,9 @@ class StudyCheckpoint:
     def inner(self, name: str) -> Path:
         """The path of a step's own checkpoint (deleted once the step is saved here)."""
         return self.folder / name
+
+    def clear_inner(self) -> None:
+        """Delete the steps' own checkpoints left in the folder by a study whose study.ckpt is gone
+        (deleted to start over): a new study must not take their units."""
+        for path in [*self.folder.glob(ABLATION), *self.folder.glob("qpsa-N*-layers.ckpt")]:
+            path.unlink(missing_ok=True)

@@ -219,14 +219,14 @@ class RayExecutor:
             raise QpsaError(f"--workers must be at least 1 (got {workers})")
         if threads < 1:
             raise QpsaError(f"worker threads must be at least 1 (got {threads})")
+        if address is not None:
+            check_answers(address)
         self.token = join_auth_mode() if address is not None else False  # before `import ray` (join_auth_mode)
         ray = require_ray()
         self.ray = ray
         self.address, self.threads = address, threads
         self.options = actor_options(device, threads)
         self.started_here = False
-        if address is not None:
-            check_answers(address)
         if not ray.is_initialized():
             self._init(workers, address)
         resources = ray.cluster_resources()
