@@ -82,8 +82,9 @@ def results_folder(out: str | None, default: str) -> Path:
 
 
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="run the units on N Ray workers, one CPU thread each: a local cluster of N, or N workers of the "
-                      "cluster at --ray-address (needs pip install 'q-psa[cluster]'; docs/cluster.md)")]
+    "--workers", help="run the units on N Ray workers, one CPU thread each (and one GPU each on --device cuda): a local "
+                      "cluster of N, or N workers of the cluster at --ray-address (needs pip install 'q-psa[cluster]'; "
+                      "docs/cluster.md)")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="join the Ray cluster at HOST:PORT (what `ray start --head` prints), or auto")]
 
