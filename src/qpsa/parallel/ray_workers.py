@@ -239,7 +239,8 @@ class RayExecutor:
                             f"the Ray cluster has {cpus}")
         if self.options["num_gpus"] and workers > gpus:
             self.close()
-            raise QpsaError(f"--workers {workers} on CUDA need {workers} GPUs (one each); the Ray cluster has {gpus}")
+            raise QpsaError(f"--workers {workers} on CUDA need {workers} GPU{'s' * (workers > 1)} (one each); "
+                            f"the Ray cluster has {gpus}")
         self.n_workers = workers
         self.log = UnitLog()
         self.retries = 0
