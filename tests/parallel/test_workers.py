@@ -241,6 +241,8 @@ def test_node_without_the_file_or_another_file(cluster, files, tmp_path):
         RayExecutor(files["wide"], sha, 1)
     with pytest.raises(QpsaError, match="need 4 CPUs; the Ray cluster has 2"):
         RayExecutor(files["six"], sha, 4)
+    with pytest.raises(QpsaError, match="on CUDA need 2 GPUs .one each.; the Ray cluster has 0"):  # a GPU per worker
+        RayExecutor(files["six"], sha, 2, device="cuda")
 
 
 def test_baseline_resumes_its_ablation_batches(cluster, files, capsys, tmp_path, monkeypatch):

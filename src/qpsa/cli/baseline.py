@@ -110,7 +110,7 @@ def baseline(
                             "or delete it to start over")
         ckpt = AblationCheckpoint.load(ckpt_path)
 
-    executor = open_workers(workers, ray_address, model)
+    executor = open_workers(workers, ray_address, model, compute["device"])
     from qpsa.model.load import load_model
     from qpsa.report.progress import ConsoleProgress
     from qpsa.scores.base import ScoreSettings, eval_tokens

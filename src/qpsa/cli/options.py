@@ -82,15 +82,17 @@ def results_folder(out: str | None, default: str) -> Path:
 
 
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="run the units on N Ray workers, one CPU thread each: a local cluster of N, or N workers of the "
-                      "cluster at --ray-address (needs pip install 'q-psa[cluster]'; docs/cluster.md)")]
+    "--workers", help="run the units on N Ray workers, one CPU thread each (and one GPU each on --device cuda): a local "
+                      "cluster of N, or N workers of the cluster at --ray-address (needs pip install 'q-psa[cluster]'; "
+                      "docs/cluster.md)")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="join the Ray cluster at HOST:PORT (what `ray start --head` prints), or auto")]
 
 
-def open_workers(workers: int | None, ray_address: str | None, model: str):
+def open_workers(workers: int | None, ray_address: str | None, model: str, device=None):
     """The executor of --workers/--ray-address (None: this process), started before any long work so
     that a bad option, a missing Ray, a silent address or a node without the model file is one line.
+    `device` (the resolved --device): on CUDA every worker takes one GPU of the cluster.
     It is released when the command ends (`close_workers`), with a line per worker (units,
     throughput) on stderr."""
     if workers is None and ray_address is None:
@@ -102,7 +104,7 @@ def open_workers(workers: int | None, ray_address: str | None, model: str):
     from qpsa.sources.catalog import resolve_model
 
     path = resolve_model(model)
-    executor = open_executor(workers, ray_address, path, open_gguf(path).sha256)
+    executor = open_executor(workers, ray_address, path, open_gguf(path).sha256, device=device)
 
     def close():
         summary = executor.describe()

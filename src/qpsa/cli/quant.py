@@ -160,9 +160,10 @@ def sensitivity(
     from qpsa.report.quant_files import write_sensitivity
 
     qtype = qtype_named(to)
-    executor = open_workers(workers, ray_address, model)
+    compute = compute_options(device, dtype, max_memory)
+    executor = open_workers(workers, ray_address, model, compute["device"])
     session = _session(model, text, dataset, ctx, chunks, out, f"sensitivity-{model_stem(model)}", as_json,
-                       imatrix=imatrix, compute=compute_options(device, dtype, max_memory))
+                       imatrix=imatrix, compute=compute)
     session.executor = executor
     result = session.sensitivity(qtype, granularity, resume)
     files = write_sensitivity(session, result)
@@ -246,10 +247,10 @@ def plan(
         target_preset = preset_named(target_preset).name
     elif not (0 < target_bpw < 64):
         raise QpsaError(f"--target-bpw must be between 0 and 64 bits per weight (got {target_bpw})")
-    executor = open_workers(workers, ray_address, model)
+    compute = compute_options(device, dtype, max_memory)
+    executor = open_workers(workers, ray_address, model, compute["device"])
     session = _session(model, text, dataset, ctx, chunks, out, f"plan-{model_stem(model)}", as_json, held_out=True,
-                       imatrix=imatrix,
-                       compute=_gradient_load(compute_options(device, dtype, max_memory), [estimator] if estimator else []))
+                       imatrix=imatrix, compute=_gradient_load(compute, [estimator] if estimator else []))
     session.executor = executor
     if output is not None:
         check_output_path(output, session.loaded.path)

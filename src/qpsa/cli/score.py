@@ -99,7 +99,7 @@ def score(
     if ckpt is not None:
         ckpt.check_matches(header)
 
-    executor = open_workers(workers, ray_address, model)
+    executor = open_workers(workers, ray_address, model, compute_options(device, "float32", max_memory)["device"])
     import hashlib
 
     import torch

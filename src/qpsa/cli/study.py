@@ -34,6 +34,8 @@ def study(
     text: TextOpt = None,
     dataset: DatasetOpt = None,
     seed: Annotated[int, typer.Option(help="seed for sampling and the random baseline")] = 42,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a killed study from OUT/study.ckpt: "
+                                                            "finished steps are not computed again")] = False,
     workers: WorkersOpt = None, ray_address: RayAddressOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -53,15 +55,33 @@ def study(
     out_dir = results_folder(out, f"study-{model_stem(model)}")
     eval_text = resolve_text(text, dataset)
     plan = dataclasses.replace(StudyPlan.quick() if quick else StudyPlan(), seed=seed)
-    executor = open_workers(workers, ray_address, model)
-    loaded = load_model(model, batch=1, ctx=1024, grad=True, whole="fisher",
-                        **compute_options(device, dtype, max_memory))
+    from qpsa.experiments.study_checkpoint import NAME, StudyCheckpoint
+
+    ckpt_path, ckpt = out_dir / NAME, None
+    if ckpt_path.exists():
+        if not resume:
+            raise QpsaError(f"{ckpt_path}: a checkpoint of an unfinished study exists; pass --resume to continue it "
+                            "or delete it to start over")
+        ckpt = StudyCheckpoint.load(ckpt_path)
+    compute = compute_options(device, dtype, max_memory)
+    executor = open_workers(workers, ray_address, model, compute["device"])
+    loaded = load_model(model, batch=1, ctx=1024, grad=True, whole="fisher", **compute)
+    header = StudyCheckpoint.header_of(loaded, eval_text, plan)
+    if ckpt is None:
+        if resume:
+            console().print(f"no checkpoint at {ckpt_path}; starting from the beginning")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = StudyCheckpoint(ckpt_path, header)
+        ckpt.clear_inner()
+        ckpt.save()
+    ckpt.check_matches(header)
     screen = console()
     screen.print(f"[bold]Q-PSA study[/] of {loaded.path.name} ({loaded.config.n_layer} layers) on {eval_text.name} "
                  f"(sha256 {eval_text.sha256[:12]}…), {'quick' if quick else 'full'} plan")
     result = run_study(loaded, eval_text, plan, ConsoleProgress(), log=lambda line: screen.print(line),
-                       executor=executor)
+                       executor=executor, checkpoint=ckpt)
     written = write_study(result, out_dir)
+    ckpt.delete()
     from qpsa.report.tables import edit_report
 
     edit_report(screen, result.prune)

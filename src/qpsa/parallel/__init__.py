@@ -73,13 +73,14 @@ class LocalExecutor:
 
 
 def open_executor(workers: int | None, address: str | None, model_path, sha256: str, loaded=None,
-                  threads: int = 1):
+                  threads: int = 1, device=None):
     """`LocalExecutor` when neither `workers` nor `address` is given, else a `RayExecutor` of
-    `workers` actors (each `threads` torch threads) on a local cluster or the one at `address`.
+    `workers` actors (each `threads` torch threads, and one GPU where `device` is CUDA) on a local
+    cluster or the one at `address`.
     Every user error (workers < 1, Ray missing or too old, an address that does not answer, a
     node without the model file) is a one-line QpsaError, raised before any measurement."""
     if workers is None and address is None:
         return LocalExecutor(loaded)
     from qpsa.parallel.ray_workers import RayExecutor
 
-    return RayExecutor(model_path, sha256, workers, address, threads)
+    return RayExecutor(model_path, sha256, workers, address, threads, device)

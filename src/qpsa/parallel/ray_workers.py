@@ -11,7 +11,23 @@ caller's checkpoint.
 
 Bad input is one line (`QpsaError`) before any unit runs: `--workers` below 1; Ray not installed
 (`pip install 'q-psa[cluster]'`) or older than `MIN_RAY`; an address that does not answer within
-`CONNECT_TIMEOUT` seconds; a node without the model file or with a different one (by sha256).
+`CONNECT_TIMEOUT` seconds; a node without the model file or with a different one (by sha256);
+more workers than the cluster has CPUs (or GPUs, for `--device cuda`).
+
+Where the driver computes on CUDA, every actor asks Ray for one GPU (`actor_options`), so Ray
+places one worker per GPU and makes that GPU the worker's only visible one (the worker computes on
+its `cuda:0`); a local cluster is started with every GPU this machine has. On the CPU an actor
+asks for `threads` CPUs and no GPU.
+
+Token authentication: Ray 2.60 switches it on for every new local cluster (`ray.init()` without an
+address and without `RAY_AUTH_MODE`), creating ~/.ray/auth_token if there is none, and logs a
+warning saying so ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+to opt out") from `ray._private.authentication.authentication_token_setup`. The local cluster keeps
+that mode (it listens on 127.0.0.1 only); that one notice is dropped while it starts
+(`_quiet_token_notice`), and every other Ray message still shows. Setting RAY_AUTH_MODE=token in
+the driver's environment instead does not work once ray is imported: the driver keeps the cached
+mode and the new cluster refuses it. A driver joining a cluster by address sends its token where
+it has one (`join_auth_mode`).
 """
 
 from __future__ import annotations
@@ -19,8 +35,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from qpsa.errors import QpsaError
@@ -57,6 +75,15 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def actor_options(device, threads: int) -> dict:
+    """Ray's options for one worker actor: `threads` CPUs, and one GPU where `device` (a torch
+    device or its name; None is the CPU) is CUDA; restarted up to `MAX_RESTARTS` times, its
+    tasks never retried by Ray (the executor hands a lost unit to another worker itself)."""
+    kind = getattr(device, "type", None) or str(device or "cpu").split(":")[0]
+    return {"num_cpus": threads, "num_gpus": 1 if kind == "cuda" else 0, "max_restarts": MAX_RESTARTS,
+            "max_task_retries": 0}
+
+
 def check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     """QpsaError unless something listens at HOST:PORT (or ray://HOST:PORT) within `timeout` seconds."""
     if address == "auto":
@@ -73,6 +100,56 @@ def check_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
                         f"({e.strerror or type(e).__name__}); start one with `ray start --head` (docs/cluster.md)") from None
 
 
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+@contextmanager
+def _quiet_token_notice():
+    """Drop Ray's notice that a new local cluster uses token authentication (module docstring)."""
+    import logging
+
+    def other(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+    logger = logging.getLogger(TOKEN_LOGGER)
+    logger.addFilter(other)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other)
+
+
+def join_auth_mode() -> bool:
+    """Whether this driver sends a token when it joins a cluster by address. Ray 2.60 sends one only
+    in `RAY_AUTH_MODE=token`, which it never sets by itself for an explicit address, so a cluster
+    with token authentication would refuse the driver even with the token at hand. Where the mode
+    is unset and a token is there (`RAY_AUTH_TOKEN`, the file at `RAY_AUTH_TOKEN_PATH`, or
+    ~/.ray/auth_token), the token mode is set: a cluster without authentication accepts it too.
+    Ray reads the mode into its cached config when it is imported, so this runs before `import ray`
+    (where ray is already imported, the cache is refreshed as Ray itself does when it sets the mode)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:
+            try:
+                sys.modules["ray._raylet"].Config.initialize("")
+            except Exception:  # another Ray version: the mode then applies to the next process only
+                pass
+        return True
+    return False
+
+
+def local_gpus() -> int:
+    """The CUDA GPUs this machine shows torch: what a local cluster for `--device cuda` offers."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class _Worker:
     """One Ray actor: the model file checked on its node, the model loaded once, job states kept."""
 
@@ -81,6 +158,7 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
+        self.gpus = list(ray.get_gpu_ids())  # the one GPU Ray gave this worker (it sees it as cuda:0), or none
         self.node = ray.util.get_node_ip_address()
         self.pid = os.getpid()
         self.error = None
@@ -116,12 +194,15 @@ class _Worker:
 
     def _model(self, dtype: str, load: dict):
         """The model loaded in `dtype` with the driver's other load settings (device, memory budget)."""
-        key = (dtype, tuple(sorted(load.items())))
+        key = (dtype, tuple(sorted(load.items(), key=lambda kv: kv[0])))
         if key not in self.models:
             import torch
 
             from qpsa.model.load import load_model
 
+            device = load.get("device")
+            if self.gpus and device is not None and torch.device(device).type == "cuda":
+                load = {**load, "device": torch.device("cuda", 0)}  # the driver's cuda:N is this worker's own GPU
             self.models[key] = load_model(self.path, dtype=getattr(torch, dtype), **load)
         return self.models[key]
 
@@ -132,33 +213,40 @@ class RayExecutor:
 
     backend = "ray"
 
-    def __init__(self, model_path, sha256: str, workers: int | None, address: str | None = None, threads: int = 1):
+    def __init__(self, model_path, sha256: str, workers: int | None, address: str | None = None, threads: int = 1,
+                 device=None):
         if workers is not None and workers < 1:
             raise QpsaError(f"--workers must be at least 1 (got {workers})")
         if threads < 1:
             raise QpsaError(f"worker threads must be at least 1 (got {threads})")
+        if address is not None:
+            check_answers(address)
+        self.token = join_auth_mode() if address is not None else False  # before `import ray` (join_auth_mode)
         ray = require_ray()
         self.ray = ray
         self.address, self.threads = address, threads
+        self.options = actor_options(device, threads)
         self.started_here = False
-        if address is not None:
-            check_answers(address)
         if not ray.is_initialized():
             self._init(workers, address)
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        if workers is None:  # joined a cluster: as many workers as its CPUs hold
-            workers = max(1, cpus // threads)
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if workers is None:  # joined a cluster: as many workers as its CPUs (GPUs) hold
+            workers = max(1, cpus // threads if not self.options["num_gpus"] else min(gpus, cpus // threads))
         if workers * threads > cpus:
             self.close()
             raise QpsaError(f"--workers {workers} of {threads} thread{'s' * (threads > 1)} need {workers * threads} CPUs; "
                             f"the Ray cluster has {cpus}")
+        if self.options["num_gpus"] and workers > gpus:
+            self.close()
+            raise QpsaError(f"--workers {workers} on CUDA need {workers} GPU{'s' * (workers > 1)} (one each); "
+                            f"the Ray cluster has {gpus}")
         self.n_workers = workers
         self.log = UnitLog()
         self.retries = 0
-        self.actor_class = ray.remote(_Worker).options(num_cpus=threads, max_restarts=MAX_RESTARTS,
-                                                       max_task_retries=0)
+        self.actor_class = ray.remote(_Worker).options(**self.options)
         self.path, self.sha256 = str(Path(model_path).resolve()), sha256
-        self.key = (ray.get_runtime_context().get_job_id(), self.path, sha256, threads)
+        self.key = (ray.get_runtime_context().get_job_id(), self.path, sha256, threads, self.options["num_gpus"])
         parked = _PARKED.pop(self.key, [])
         for other in list(_PARKED):  # warm workers of another model hold CPUs the new ones need
             for a in _PARKED.pop(other):
@@ -185,15 +273,21 @@ class RayExecutor:
             if address is None:
                 if workers is None:
                     raise QpsaError("give --workers N (a local cluster of N workers) or --ray-address HOST:PORT")
-                ray.init(num_cpus=workers * self.threads, include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
+                with _quiet_token_notice():
+                    ray.init(num_cpus=workers * self.threads, num_gpus=local_gpus() if self.options["num_gpus"] else 0,
+                             include_dashboard=False, log_to_driver=False,
+                             _node_ip_address="127.0.0.1", logging_level=logging.ERROR, configure_logging=False)
             else:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
         except QpsaError:
             raise
         except Exception as e:  # version mismatch with the cluster, authentication, no cluster at "auto"
             where = f"--ray-address {address}" if address else "a local Ray cluster"
-            raise QpsaError(f"{where}: {_first_line(e)}") from None
+            hint = ""
+            if address and not self.token:
+                hint = (" (a cluster with token authentication needs its token here: copy the head's ~/.ray/auth_token, "
+                        "or set RAY_AUTH_TOKEN; docs/cluster.md)")
+            raise QpsaError(f"{where}: {_first_line(e)}{hint}") from None
         self.started_here = True
 
     def pids(self) -> list[int]:
@@ -252,7 +346,7 @@ class RayExecutor:
 
     def describe(self) -> dict:
         return {"backend": "ray", "ray_version": self.ray.__version__, "workers": self.n_workers,
-                "threads": self.threads, "address": self.address or "local",
+                "threads": self.threads, "gpus_per_worker": self.options["num_gpus"], "address": self.address or "local",
                 "nodes": sorted({i["node"] for i in self.info}), "retries": self.retries,
                 "units": dict(self.log.units), "per_worker": self.log.per_worker()}
 
@@ -278,7 +372,7 @@ class RayExecutor:
         self.close()
 
 
-_PARKED: dict[tuple, list] = {}  # warm workers by (Ray job, model path, sha256, threads)
+_PARKED: dict[tuple, list] = {}  # warm workers by (Ray job, model path, sha256, threads, GPUs)
 
 
 def _kill(ray, actor) -> None:

@@ -299,45 +299,53 @@ def collected_rows(n_windows: int, ctx: int, batch: int = LLAMA_BATCH, ubatch: i
     return mask
 
 
+def imatrix_units(windows: torch.Tensor, batch_size: int = WINDOW_BATCH) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The units of an importance matrix over `windows` (N, ctx), in window order: "windows A-B" ->
+    (tokens (B, ctx), collected mask (B, ctx)) of `batch_size` windows each."""
+    n, ctx = windows.shape
+    mask = collected_rows(n, ctx)
+    return {f"windows {first}-{min(n, first + batch_size) - 1}":
+            (windows[first : first + batch_size], mask[first : first + batch_size])
+            for first in range(0, n, batch_size)}
+
+
 def compute_imatrix(model, windows: torch.Tensor, dataset: str, advance: Advance = no_progress,
-                    batch_size: int = WINDOW_BATCH, executor=None) -> Imatrix:
+                    batch_size: int = WINDOW_BATCH, executor=None, checkpoint=None) -> Imatrix:
     """The importance matrix of `model` (a `qpsa.model.transformer.Transformer`) over `windows`
     (N, ctx) token ids cut as `make_windows` cuts them; `advance()` after each window.
 
     Sums are accumulated in float64 over the rows of `collected_rows` and stored as float32. One
     forward of `batch_size` windows is one unit, run by `executor` (`qpsa.parallel`; default this
-    process); the units' sums are added in window order whatever order they finish in, so the
-    result is the same bit for bit wherever they ran."""
+    process); the units' sums are added in window order whatever order they finish in
+    (`qpsa.quant.imatrix_sums.UnitSums`), so the result is the same bit for bit wherever they ran.
+    `checkpoint` (an `ImatrixCheckpoint` already checked against this run) brings the units an
+    interrupted run finished, and is saved after every unit that finishes here."""
     from qpsa.parallel import Job, LocalExecutor
+    from qpsa.quant.imatrix_sums import UnitSums
 
-    n, ctx = windows.shape
-    mask = collected_rows(n, ctx)
-    units = {f"windows {first}-{min(n, first + batch_size) - 1}":
-             (windows[first : first + batch_size], mask[first : first + batch_size])
-             for first in range(0, n, batch_size)}
-    order = list(units)
-    parts: dict[str, dict] = {}
-    sum2: dict[tuple[int, str], torch.Tensor] = {}
-    sum1: dict[tuple[int, str], torch.Tensor] = {}
-    count: dict[tuple[int, str], int] = {}
-    added = [0]  # units added to the sums so far, in order
+    ctx = windows.shape[1]
+    units = imatrix_units(windows, batch_size)
+    state = checkpoint.state if checkpoint is not None else UnitSums(list(units))
+    if state.order != list(units):
+        raise QpsaError("the imatrix checkpoint's units are not this run's; delete it to start over")
+    done = state.finished()
+    todo = {key: unit for key, unit in units.items() if key not in done}
 
     def finished(key: str, part: dict) -> None:
-        parts[key] = part
-        while added[0] < len(order) and order[added[0]] in parts:  # add the finished prefix, in window order
-            for k, (s2, s1, c) in parts.pop(order[added[0]]).items():
-                if k in sum2:  # out of place: the parts are inference tensors
-                    sum2[k] = sum2[k] + s2
-                    sum1[k] = sum1[k] + s1
-                    count[k] = count[k] + c
-                else:
-                    sum2[k], sum1[k], count[k] = s2, s1, c
-            added[0] += 1
+        state.add(key, part)
+        if checkpoint is not None:
+            checkpoint.save()
         advance(steps=units[key][0].shape[0])
 
     job = Job("qpsa.quant.imatrix:setup_imatrix", "qpsa.quant.imatrix:window_sums", None,
               str(model.dtype).removeprefix("torch."), load=model.load_options, local_state=model)
-    (executor or LocalExecutor()).run(job, units, finished)
+    if todo:
+        (executor or LocalExecutor()).run(job, todo, finished)
+    if not state.complete:
+        raise QpsaError(f"the imatrix has {state.added} of {len(units)} units summed: some unit never finished")
+    sum2 = {k: v[0] for k, v in state.sums.items()}
+    sum1 = {k: v[1] for k, v in state.sums.items()}
+    count = {k: v[2] for k, v in state.sums.items()}
 
     in_sum2, in_sum, counts = {}, {}, {}
     for (layer, fused), s2 in sum2.items():

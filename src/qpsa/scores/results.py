@@ -101,11 +101,16 @@ class ScoreRun:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise QpsaError(f"{path}: not a q-psa results file (schema {d.get('schema') if isinstance(d, dict) else None!r})")
         try:
-            methods = {k: LayerScores.from_dict(v) for k, v in d["methods"].items()}
-            return cls(d["command"], d["model"], d["text"], d["settings"], d["base"], methods, d["seconds"],
-                       d["versions"], d["created"])
+            return cls.from_dict(d)
         except (KeyError, TypeError) as e:
             raise QpsaError(f"{path}: results file is missing {e}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScoreRun:
+        """The run `to_dict` gave (KeyError or TypeError where a field is missing)."""
+        methods = {k: LayerScores.from_dict(v) for k, v in d["methods"].items()}
+        return cls(d["command"], d["model"], d["text"], d["settings"], d["base"], methods, d["seconds"],
+                   d["versions"], d["created"])
 
 
 def rank_agreement(methods: dict[str, LayerScores]) -> list[dict]:
