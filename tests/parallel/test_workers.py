@@ -333,3 +333,17 @@ def test_sensitivity_on_demand_same_numbers_on_workers(cluster, files, capsys, t
     two = _json(capsys, *args, "--out", tmp_path / "b", "--workers", 2)
     assert one["model"]["weights"] == two["model"]["weights"] == "on demand"
     assert [r["kld"] for r in two["rows"]] == [r["kld"] for r in one["rows"]]
+
+
+def test_a_unit_key_seen_again_is_counted_beside_the_first():
+    """A study runs Q-PSA at several N on one executor with the same unit keys: every unit counts."""
+    from qpsa.parallel.units import UnitLog
+
+    log = UnitLog()
+    log.add("0/layer", "w1", 1.0)
+    log.add("0/layer", "w2", 2.0, attempts=2)
+    log.add("0/layer", "w1", 3.0)
+    assert list(log.units) == ["0/layer", "0/layer#2", "0/layer#3"]
+    assert log.units["0/layer#2"]["attempts"] == 2 and "attempts" not in log.units["0/layer"]
+    per = log.per_worker()
+    assert per["w1"]["units"] == 2 and per["w2"]["units"] == 1 and per["w1"]["busy_seconds"] == 4.0

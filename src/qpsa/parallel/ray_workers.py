@@ -338,9 +338,7 @@ class RayExecutor:
                 queue.appendleft((key, unit, attempts + 1, w))
                 submit()
                 continue
-            self.log.add(key, f"worker {w} ({worker})", seconds)
-            if attempts:
-                self.log.units[key]["attempts"] = attempts + 1
+            self.log.add(key, f"worker {w} ({worker})", seconds, attempts + 1)
             on_result(key, result)
             submit()
 

@@ -56,8 +56,16 @@ class UnitLog:
         self.units: dict[str, dict] = {}
         self.started = time.perf_counter()
 
-    def add(self, key: str, worker: str, seconds: float) -> None:
-        self.units[key] = {"worker": worker, "seconds": round(seconds, 6)}
+    def add(self, key: str, worker: str, seconds: float, attempts: int = 1) -> None:
+        """One finished unit. A key seen before (the same unit of another run on this executor: a
+        study's Q-PSA at each N) is kept beside it as `key#2`, `key#3`…, so every unit counts."""
+        name, n = key, 1
+        while name in self.units:
+            n += 1
+            name = f"{key}#{n}"
+        self.units[name] = {"worker": worker, "seconds": round(seconds, 6)}
+        if attempts > 1:
+            self.units[name]["attempts"] = attempts
 
     def per_worker(self) -> dict[str, dict]:
         wall = time.perf_counter() - self.started
