@@ -1,0 +1,110 @@
+"""The scale searches compiled (searches.c), through ctypes: the same results as searches.py's numpy, faster.
+
+`library()` is the loaded library, or None where it cannot be had (QPSA_KERNEL=0, no C compiler, a
+failed build; see `qpsa.native`), and each wrapper below then returns None: searches.py runs its
+numpy version instead. The C does each group's float32 operations in numpy's order and is compiled
+with -ffp-contract=off (no fused multiply-adds) and without -ffast-math, so it gives the same bits
+(tests/gguf/test_compiled_searches.py compares the two on edge cases; test_quantize.py and
+test_weighted_quantize.py compare both with ggml). Groups of more than 256 weights (no GGML type
+has them) go to numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from qpsa import native
+
+SOURCE = Path(__file__).with_name("searches.c")
+FLAGS = ["-O2", "-march=native", "-ffp-contract=off", "-fno-fast-math"]
+MAX_GROUP = 256  # searches.c's MAX_N
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled searches, or None where they cannot be built or loaded (see the module doc)."""
+    if not native.enabled():
+        return None
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    try:
+        path = native.build(SOURCE, "searches", FLAGS, native.compiler(), key_extra=" ".join(FLAGS).encode())
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    L, I, P, Fl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    lib.scale_min_search_f32.argtypes = [P, P, L, L, I, Fl, Fl, I, I, I, P, P, P]
+    lib.scale_search_f32.argtypes = [P, P, L, L, I, P, P]
+    lib.scale_refine_f32.argtypes = [P, L, L, I, P, P]
+    lib.scale_fit_f32.argtypes = [P, P, L, L, I, P, P]
+    for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32):
+        f.restype = None
+    return lib
+
+
+def _usable(x: np.ndarray) -> ctypes.CDLL | None:
+    if x.ndim != 2 or not 0 < x.shape[0] <= MAX_GROUP:
+        return None
+    return library()
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3=False):
+    """searches.scale_min_search compiled; None where it cannot run."""
+    lib = _usable(x)
+    if lib is None:
+        return None
+    x, w = _f32(x), _f32(np.broadcast_to(w, x.shape))
+    n, S = x.shape
+    scale, mins = np.empty(S, np.float32), np.empty(S, np.float32)
+    codes = np.empty((n, S), np.int32)
+    lib.scale_min_search_f32(x.ctypes.data, w.ctypes.data, n, S, nmax, rmin, rdelta, nstep, int(use_mad), int(qkx3),
+                             scale.ctypes.data, mins.ctypes.data, codes.ctypes.data)
+    return scale, mins, codes
+
+
+def scale_search(x, nmax, w=None):
+    """searches.scale_search compiled; None where it cannot run."""
+    lib = _usable(x)
+    if lib is None:
+        return None
+    x = _f32(x)
+    w = None if w is None else _f32(np.broadcast_to(w, x.shape))
+    n, S = x.shape
+    scale, codes = np.empty(S, np.float32), np.empty((n, S), np.int32)
+    lib.scale_search_f32(x.ctypes.data, None if w is None else w.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    return scale, codes
+
+
+def scale_refine(x, nmax):
+    """searches.scale_refine compiled; None where it cannot run."""
+    lib = _usable(x)
+    if lib is None:
+        return None
+    x = _f32(x)
+    n, S = x.shape
+    scale, codes = np.empty(S, np.float32), np.empty((n, S), np.int32)
+    lib.scale_refine_f32(x.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    return scale, codes
+
+
+def scale_fit(x, w, nmax):
+    """searches.scale_fit compiled; None where it cannot run."""
+    lib = _usable(x)
+    if lib is None:
+        return None
+    x, w = _f32(x), _f32(np.broadcast_to(w, x.shape))
+    n, S = x.shape
+    scale, codes = np.empty(S, np.float32), np.empty((n, S), np.uint8)
+    lib.scale_fit_f32(x.ctypes.data, w.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    return scale, codes
