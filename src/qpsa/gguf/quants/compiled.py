@@ -44,7 +44,8 @@ def _load() -> ctypes.CDLL | None:
     lib.scale_search_f32.argtypes = [P, P, L, L, I, P, P]
     lib.scale_refine_f32.argtypes = [P, L, L, I, P, P]
     lib.scale_fit_f32.argtypes = [P, P, L, L, I, P, P]
-    for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32):
+    lib.requantize_codes.argtypes = [P, P, L, L, I, P, P, I, I, P]
+    for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32, lib.requantize_codes):
         f.restype = None
     return lib
 
@@ -108,3 +109,19 @@ def scale_fit(x, w, nmax):
     scale, codes = np.empty(S, np.float32), np.empty((n, S), np.uint8)
     lib.scale_fit_f32(x.ctypes.data, w.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
     return scale, codes
+
+
+def requantize(x, codes, shift, d_sub, offset, lowest, highest):
+    """kquants._requantize compiled; None where it cannot run. x float32 (B, n_sub, sub_len); codes int32
+    (sub_len, B·n_sub), the search's; d_sub, offset float32 (B, n_sub) (offset may be None) -> int32 (B, n_sub·sub_len)."""
+    lib = library()
+    if lib is None:
+        return None
+    x, d_sub = _f32(x), _f32(d_sub)
+    codes = np.ascontiguousarray(codes, dtype=np.int32)
+    offset = None if offset is None else _f32(offset)
+    B, n_sub, sub_len = x.shape
+    out = np.empty((B, n_sub * sub_len), np.int32)
+    lib.requantize_codes(x.ctypes.data, codes.ctypes.data, B * n_sub, sub_len, shift, d_sub.ctypes.data,
+                         None if offset is None else offset.ctypes.data, lowest, highest, out.ctypes.data)
+    return out

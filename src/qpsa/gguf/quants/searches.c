@@ -338,3 +338,29 @@ void scale_fit_f32(const float *xs, const float *ws, long n, long S, int nmax, f
             for (long l = 0; l < nl; l++) codes_out[j * S + s0 + l] = zero[l] ? 0 : (uint8_t)L[j][l];
     }
 }
+
+/* --- the K-quants' last step: kquants.py's _requantize ------------------------------------------- */
+
+/* codes from the stored scales: out[s, j] = clamp(nearest_int((x[s, j] + offset[s]) / d_sub[s]), lo, hi),
+   or, where d_sub[s] == 0, the search's code codes[j, s] + shift. x and out (S, sub_len) with
+   sub-block s in row s; codes (sub_len, S) as the searches return them; offset may be NULL. */
+void requantize_codes(const float *x, const int32_t *codes, long S, long sub_len, int shift, const float *d_sub,
+                      const float *offset, int lo, int hi, int32_t *out) {
+    for (long s = 0; s < S; s++) {
+        float d = d_sub[s];
+        const float *row = x + s * sub_len;
+        int32_t *dst = out + s * sub_len;
+        if (d != 0) {
+            for (long j = 0; j < sub_len; j++) {
+                float v = offset ? row[j] + offset[s] : row[j];
+                float t = v / d + 12582912.f; /* nearest_int */
+                int32_t bits;
+                memcpy(&bits, &t, sizeof bits);
+                int q = (bits & 0x007fffff) - 0x00400000;
+                dst[j] = q < lo ? lo : (q > hi ? hi : q);
+            }
+        } else {
+            for (long j = 0; j < sub_len; j++) dst[j] = codes[j * S + s] + shift;
+        }
+    }
+}
