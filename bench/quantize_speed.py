@@ -5,7 +5,8 @@ blk.0.ffn_down.weight, 576 × 1536, by default), for every type q-psa quantizes 
 `qpsa.gguf.quants.quantize` with QPSA_KERNEL=0 (numpy) and with the compiled searches, without and
 with importance weights (log-normal, one per column, seed 0: an imatrix's spread; the time does not
 depend on their values much), the best of --repeats runs each, the ratio, and a check that both
-give the same bytes. With --llama, also the whole-model requantization of the bundled model:
+give the same bytes; and ggml's own quantizer on the same input (`ggml_quantize_chunk` in
+llama-cpp-python's libggml, one thread; "-" where llama-cpp-python is missing). With --llama, also the whole-model requantization of the bundled model:
 `llama-quantize --allow-requantize IN OUT TYPE 1` (one thread) against `q-psa requantize IN --type TYPE`
 (one process, as it runs), wall time of each command, with the compiled searches and with QPSA_KERNEL=0.
 
@@ -58,7 +59,11 @@ def time_types(x: np.ndarray, repeats: int) -> None:
         raise SystemExit("the compiled searches are unavailable (no C compiler, or QPSA_KERNEL=0)")
     weights = np.exp(np.random.default_rng(0).normal(0, 2, x.shape[1])).astype(np.float32)
     print(f"{x.shape[0]} × {x.shape[1]} weights; ns per weight, best of {repeats}")
-    print(f"{'type':6} {'imatrix':8} {'numpy':>8} {'compiled':>9} {'ratio':>7}  same bytes")
+    try:
+        from qpsa.reference.llamacpp import ggml_quantize
+    except ImportError:
+        ggml_quantize = None
+    print(f"{'type':6} {'imatrix':8} {'numpy':>8} {'compiled':>9} {'ratio':>7} {'ggml':>7}  same bytes")
     for name in TYPES:
         qtype = GGMLQuantizationType[name]
         for w in (None, weights):
@@ -67,8 +72,11 @@ def time_types(x: np.ndarray, repeats: int) -> None:
             os.environ["QPSA_KERNEL"] = "1"
             fast, b = best_of(repeats, lambda: quantize(x, qtype, w))  # noqa: B023
             per = 1e9 / x.size
-            print(f"{name:6} {'yes' if w is not None else 'no':8} {slow * per:8.1f} {fast * per:9.1f} {slow / fast:6.1f}x  "
-                  f"{bool((a == b).all())}")
+            ggml = "-"
+            if ggml_quantize is not None:
+                ggml = f"{best_of(repeats, lambda: ggml_quantize(x, qtype, w))[0] * per:7.1f}"  # noqa: B023
+            print(f"{name:6} {'yes' if w is not None else 'no':8} {slow * per:8.1f} {fast * per:9.1f} {slow / fast:6.1f}x "
+                  f"{ggml:>7}  {bool((a == b).all())}")
 
 
 def time_command(command: list[str], env: dict) -> float:

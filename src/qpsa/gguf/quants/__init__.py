@@ -49,8 +49,8 @@ quantize_row_<type>_ref in ggml-quants.c; Q8_0 always does), rewritten as whole-
 family's module docstring says what each type does). The scale searches, where nearly all the time
 goes, also exist in C (searches.c, compiled on first use into q-psa's cache folder like the model's
 kernels): each search runs the C where the library builds and loads, else its numpy version
-(QPSA_KERNEL=0 forces numpy). Both give the same bits; the compiled path makes the K-quants 4–10x
-and the legacy types with an importance matrix 5–17x faster (docs/benchmarks.md). The arithmetic is float32 in ggml's order, so
+(QPSA_KERNEL=0 forces numpy). Both give the same bits; the compiled path makes the K-quants 4–11x
+and the legacy types with an importance matrix 5–15x faster (docs/benchmarks.md). The arithmetic is float32 in ggml's order, so
 the bytes are the same as ggml's: sums that C accumulates one term at a time are accumulated one
 term at a time here (numpy's own sum pairs terms up and rounds differently); nearest_int is ggml's
 add-1.5*2**23 trick (round half to even); C's float -> integer conversions are truncations that

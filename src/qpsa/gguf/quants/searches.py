@@ -12,7 +12,8 @@ is vectorized over the S groups.
 
 Each search has two versions with the same signature and the same bits: `<name>_numpy`, whole-array
 numpy, the reference and the fallback; and searches.c, compiled on first use (compiled.py), which does
-each group's float32 operations in the same order, several groups per vector register, 7–30x faster.
+each group's float32 operations in the same order, several groups per vector register, and is
+several times faster (docs/benchmarks.md, "Quantizer speed").
 `<name>` runs the compiled one where it is available and the numpy one otherwise (QPSA_KERNEL=0, no C
 compiler, a failed build).
 """
