@@ -177,3 +177,23 @@ def test_groups_longer_than_the_library_takes_go_to_numpy(rng):
     x = make_groups("gauss", rng, compiled.MAX_GROUP + 1, groups=3)
     assert compiled.scale_search(x, 8) is None
     assert searches.scale_search(x, 8)[1].shape == x.shape
+
+
+@needs_library
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_the_vector_width_changes_no_bit(lanes, rng, monkeypatch, tmp_path):
+    """searches.c picks 16, 8 or 4 groups per vector from the CPU; built with each width (forced by
+    -DLANES, without -march=native for 4 as a CPU without AVX would), every search still gives numpy's bits."""
+    monkeypatch.setenv("QPSA_CACHE", str(tmp_path))
+    flags = [f for f in compiled.FLAGS if lanes != 4 or f != "-march=native"] + [f"-DLANES={lanes}"]
+    library = compiled.build(flags, name=f"searches-lanes{lanes}")
+    monkeypatch.setattr(compiled, "library", lambda: library)
+    for kind in ("gauss", "all zero", "near 1e-15", "nan"):
+        x = make_groups(kind, rng, 32, groups=53)
+        w = make_group_weights("lognormal", rng, x.shape)
+        with np.errstate(all="ignore"):
+            assert_same_bits(searches.scale_min_search_numpy(x, w, 15, -0.9, 0.05, 36, False, True),
+                             compiled.scale_min_search(x, w, 15, -0.9, 0.05, 36, False, True))
+            assert_same_bits(searches.scale_search_numpy(x, 8, w), compiled.scale_search(x, 8, w))
+            assert_same_bits(searches.scale_refine_numpy(x[:16], 4), compiled.scale_refine(x[:16], 4))
+            assert_same_bits(searches.scale_fit_numpy(np.abs(x[:8]), w[:8], 63), compiled.scale_fit(np.abs(x[:8]), w[:8], 63))

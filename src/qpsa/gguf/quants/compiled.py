@@ -35,10 +35,15 @@ def library() -> ctypes.CDLL | None:
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     try:
-        path = native.build(SOURCE, "searches", FLAGS, native.compiler(), key_extra=" ".join(FLAGS).encode())
-        lib = ctypes.CDLL(str(path))
+        return build(FLAGS)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def build(flags: list[str], name: str = "searches") -> ctypes.CDLL:
+    """searches.c built with these flags (cached as <name>-<hash>.so) and loaded, its signatures set."""
+    path = native.build(SOURCE, name, flags, native.compiler(), key_extra=" ".join(flags).encode())
+    lib = ctypes.CDLL(str(path))
     L, I, P, Fl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.scale_min_search_f32.argtypes = [P, P, L, L, I, Fl, Fl, I, I, I, P, P, P]
     lib.scale_search_f32.argtypes = [P, P, L, L, I, P, P]
