@@ -45,10 +45,10 @@ def build(flags: list[str], name: str = "searches") -> ctypes.CDLL:
     path = native.build(SOURCE, name, flags, native.compiler(), key_extra=" ".join(flags).encode())
     lib = ctypes.CDLL(str(path))
     L, I, P, Fl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-    lib.scale_min_search_f32.argtypes = [P, P, L, L, I, Fl, Fl, I, I, I, P, P, P]
-    lib.scale_search_f32.argtypes = [P, P, L, L, I, P, P]
-    lib.scale_refine_f32.argtypes = [P, L, L, I, P, P]
-    lib.scale_fit_f32.argtypes = [P, P, L, L, I, P, P]
+    lib.scale_min_search_f32.argtypes = [P, L, L, P, L, L, L, L, I, Fl, Fl, I, I, I, P, P, P]
+    lib.scale_search_f32.argtypes = [P, L, L, P, L, L, L, L, I, P, P]
+    lib.scale_refine_f32.argtypes = [P, L, L, L, L, I, P, P]
+    lib.scale_fit_f32.argtypes = [P, L, L, P, L, L, L, L, I, P, P]
     lib.requantize_codes.argtypes = [P, P, L, L, I, P, P, I, I, P]
     for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32, lib.requantize_codes):
         f.restype = None
@@ -65,16 +65,26 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _strided(a: np.ndarray, shape) -> tuple:
+    """A float32 (n, S) array as C reads it: (address, row stride, column stride), strides in elements,
+    so a transposed or broadcast view goes in without a copy."""
+    a = np.broadcast_to(np.asarray(a, dtype=np.float32), shape)
+    if any(st % 4 for st in a.strides):
+        a = np.ascontiguousarray(a)
+    return a, a.ctypes.data, a.strides[0] // 4, a.strides[1] // 4
+
+
 def scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3=False):
     """searches.scale_min_search compiled; None where it cannot run."""
     lib = _usable(x)
     if lib is None:
         return None
-    x, w = _f32(x), _f32(np.broadcast_to(w, x.shape))
     n, S = x.shape
+    x, *xp = _strided(x, x.shape)
+    w, *wp = _strided(w, x.shape)
     scale, mins = np.empty(S, np.float32), np.empty(S, np.float32)
     codes = np.empty((n, S), np.int32)
-    lib.scale_min_search_f32(x.ctypes.data, w.ctypes.data, n, S, nmax, rmin, rdelta, nstep, int(use_mad), int(qkx3),
+    lib.scale_min_search_f32(*xp, *wp, n, S, nmax, rmin, rdelta, nstep, int(use_mad), int(qkx3),
                              scale.ctypes.data, mins.ctypes.data, codes.ctypes.data)
     return scale, mins, codes
 
@@ -84,11 +94,11 @@ def scale_search(x, nmax, w=None):
     lib = _usable(x)
     if lib is None:
         return None
-    x = _f32(x)
-    w = None if w is None else _f32(np.broadcast_to(w, x.shape))
     n, S = x.shape
+    x, *xp = _strided(x, x.shape)
+    w, *wp = (None, None, 0, 0) if w is None else _strided(w, x.shape)
     scale, codes = np.empty(S, np.float32), np.empty((n, S), np.int32)
-    lib.scale_search_f32(x.ctypes.data, None if w is None else w.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    lib.scale_search_f32(*xp, *wp, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
     return scale, codes
 
 
@@ -97,10 +107,10 @@ def scale_refine(x, nmax):
     lib = _usable(x)
     if lib is None:
         return None
-    x = _f32(x)
     n, S = x.shape
+    x, *xp = _strided(x, x.shape)
     scale, codes = np.empty(S, np.float32), np.empty((n, S), np.int32)
-    lib.scale_refine_f32(x.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    lib.scale_refine_f32(*xp, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
     return scale, codes
 
 
@@ -109,10 +119,11 @@ def scale_fit(x, w, nmax):
     lib = _usable(x)
     if lib is None:
         return None
-    x, w = _f32(x), _f32(np.broadcast_to(w, x.shape))
     n, S = x.shape
+    x, *xp = _strided(x, x.shape)
+    w, *wp = _strided(w, x.shape)
     scale, codes = np.empty(S, np.float32), np.empty((n, S), np.uint8)
-    lib.scale_fit_f32(x.ctypes.data, w.ctypes.data, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
+    lib.scale_fit_f32(*xp, *wp, n, S, nmax, scale.ctypes.data, codes.ctypes.data)
     return scale, codes
 
 

@@ -418,8 +418,10 @@ def _per_block(values, n_blocks):
 
 
 def _sub_blocks(x, sub_len):
-    """(B, 256) -> (sub_len, B * 256 // sub_len): column s is sub-block s (block s // n_sub)."""
-    return np.ascontiguousarray(x.reshape(-1, sub_len).T)
+    """(B, 256) -> (sub_len, B * 256 // sub_len): column s is sub-block s (block s // n_sub). A transposed
+    view where the compiled searches run (they read any strides), a contiguous copy for numpy's."""
+    view = x.reshape(-1, sub_len).T
+    return view if compiled.library() is not None else np.ascontiguousarray(view)
 
 
 def _from_sub_blocks(codes, n_blocks):

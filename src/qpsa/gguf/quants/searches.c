@@ -69,12 +69,17 @@ static inline vi nearest_int(vf v) {
     return (bits & isplat(0x007fffff)) - isplat(0x00400000);
 }
 
-/* rows 0..n-1 of columns s0..s0+LANES-1 of src (n, S) into dst, lanes past S zero */
-static void load(const float *src, long n, long S, long s0, vf *dst) {
+/* rows 0..n-1 of columns s0..s0+LANES-1 of src (n, S) into dst, lanes past S zero; element (j, s) of
+   src is at src[j * rs + s * cs] (numpy's strides in elements: a transposed view needs no copy) */
+static void load(const float *src, long rs, long cs, long n, long S, long s0, vf *dst) {
     long nl = S - s0 < LANES ? S - s0 : LANES;
     for (long j = 0; j < n; j++) {
         vf v = splat(0.f);
-        memcpy(&v, src + j * S + s0, nl * sizeof(float));
+        if (cs == 1) {
+            memcpy(&v, src + j * rs + s0, nl * sizeof(float));
+        } else {
+            for (long l = 0; l < nl; l++) v[l] = src[j * rs + (s0 + l) * cs];
+        }
         dst[j] = v;
     }
 }
@@ -100,13 +105,13 @@ static vf min_search_error(const vf *x, const vf *w, const vi *L, long n, vf sca
     return total;
 }
 
-void scale_min_search_f32(const float *xs, const float *ws, long n, long S, int nmax, float rmin, float rdelta,
+void scale_min_search_f32(const float *xs, long x_rs, long x_cs, const float *ws, long w_rs, long w_cs, long n, long S, int nmax, float rmin, float rdelta,
                           int nstep, int use_mad, int qkx3, float *scale_out, float *min_out, int32_t *codes_out) {
     vf x[MAX_N], w[MAX_N];
     vi L[MAX_N], trial[MAX_N];
     for (long s0 = 0; s0 < S; s0 += LANES) {
-        load(xs, n, S, s0, x);
-        load(ws, n, S, s0, w);
+        load(xs, x_rs, x_cs, n, S, s0, x);
+        load(ws, w_rs, w_cs, n, S, s0, w);
         vf hi = x[0], lo = x[0]; /* the first max and min; the first NaN wins, as numpy's argmax */
         for (long j = 1; j < n; j++) {
             hi = sel((x[j] > hi) | (vnan(x[j]) & ~vnan(hi)), x[j], hi);
@@ -194,15 +199,15 @@ static vf first_absmax(const vf *x, long n, int nan_wins) {
     return peak;
 }
 
-void scale_search_f32(const float *xs, const float *ws, long n, long S, int nmax, float *scale_out, int32_t *codes_out) {
+void scale_search_f32(const float *xs, long x_rs, long x_cs, const float *ws, long w_rs, long w_cs, long n, long S, int nmax, float *scale_out, int32_t *codes_out) {
     vf x[MAX_N], w[MAX_N], wx[MAX_N];
     vi L[MAX_N], trial[MAX_N];
     for (long s0 = 0; s0 < S; s0 += LANES) {
-        load(xs, n, S, s0, x);
+        load(xs, x_rs, x_cs, n, S, s0, x);
         vf peak = first_absmax(x, n, 0);
         vi zero = vabs(peak) < splat(1e-15f);
         if (ws)
-            load(ws, n, S, s0, w);
+            load(ws, w_rs, w_cs, n, S, s0, w);
         else
             for (long j = 0; j < n; j++) w[j] = x[j] * x[j];
         for (long j = 0; j < n; j++) wx[j] = w[j] * x[j];
@@ -228,11 +233,11 @@ void scale_search_f32(const float *xs, const float *ws, long n, long S, int nmax
 
 /* --- make_q3_quants with rmse: searches.py's scale_refine ------------------------------------- */
 
-void scale_refine_f32(const float *xs, long n, long S, int nmax, float *scale_out, int32_t *codes_out) {
+void scale_refine_f32(const float *xs, long x_rs, long x_cs, long n, long S, int nmax, float *scale_out, int32_t *codes_out) {
     vf x[MAX_N], w[MAX_N], wx[MAX_N];
     vi L[MAX_N];
     for (long s0 = 0; s0 < S; s0 += LANES) {
-        load(xs, n, S, s0, x);
+        load(xs, x_rs, x_cs, n, S, s0, x);
         vf peak = first_absmax(x, n, 1);
         vi zero = vabs(peak) < splat(1e-15f);
         vf iscale = splat((float)(-nmax)) / peak;
@@ -282,12 +287,12 @@ static vf fit_error(const vf *x, const vf *w, const vi *L, long n, vf scale) {
     return total;
 }
 
-void scale_fit_f32(const float *xs, const float *ws, long n, long S, int nmax, float *scale_out, uint8_t *codes_out) {
+void scale_fit_f32(const float *xs, long x_rs, long x_cs, const float *ws, long w_rs, long w_cs, long n, long S, int nmax, float *scale_out, uint8_t *codes_out) {
     vf x[MAX_N], w[MAX_N], wx[MAX_N];
     vi L[MAX_N];
     for (long s0 = 0; s0 < S; s0 += LANES) {
-        load(xs, n, S, s0, x);
-        load(ws, n, S, s0, w);
+        load(xs, x_rs, x_cs, n, S, s0, x);
+        load(ws, w_rs, w_cs, n, S, s0, w);
         vf peak = splat(0.f); /* ggml's max = MAX(max, x) from 0, NaN and all */
         for (long j = 0; j < n; j++) peak = sel(peak > x[j], peak, x[j]);
         vi zero = peak < splat(1e-15f);
