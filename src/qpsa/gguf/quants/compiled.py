@@ -50,7 +50,9 @@ def build(flags: list[str], name: str = "searches") -> ctypes.CDLL:
     lib.scale_refine_f32.argtypes = [P, L, L, L, L, I, P, P]
     lib.scale_fit_f32.argtypes = [P, L, L, P, L, L, L, L, I, P, P]
     lib.requantize_codes.argtypes = [P, P, L, L, I, P, P, I, I, P]
-    for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32, lib.requantize_codes):
+    lib.legacy_importance.argtypes = [P, P, L, L, P]
+    for f in (lib.scale_min_search_f32, lib.scale_search_f32, lib.scale_refine_f32, lib.scale_fit_f32, lib.requantize_codes,
+              lib.legacy_importance):
         f.restype = None
     return lib
 
@@ -140,4 +142,16 @@ def requantize(x, codes, shift, d_sub, offset, lowest, highest):
     out = np.empty((B, n_sub * sub_len), np.int32)
     lib.requantize_codes(x.ctypes.data, codes.ctypes.data, B * n_sub, sub_len, shift, d_sub.ctypes.data,
                          None if offset is None else offset.ctypes.data, lowest, highest, out.ctypes.data)
+    return out
+
+
+def importance(x, weights):
+    """legacy._importance compiled; None where it cannot run. x float32 whole rows of blocks (B, block_size),
+    weights (n,) -> (B, block_size)."""
+    lib = library()
+    if lib is None:
+        return None
+    x, weights = _f32(x), _f32(weights)
+    out = np.empty(x.shape, np.float32)
+    lib.legacy_importance(x.ctypes.data, weights.ctypes.data, x.size // weights.size, weights.size, out.ctypes.data)
     return out

@@ -16,6 +16,7 @@
 */
 
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -367,5 +368,19 @@ void requantize_codes(const float *x, const int32_t *codes, long S, long sub_len
         } else {
             for (long j = 0; j < sub_len; j++) dst[j] = codes[j * S + s] + shift;
         }
+    }
+}
+
+/* --- the legacy types' importance: legacy.py's _importance -------------------------------------- */
+
+/* out[r, j] = weights[j] * sqrt(sigma2_r + x[r, j]^2), sigma2_r = (sum of x[r, j]^2 over the row, in order) / n,
+   for R rows of n weights */
+void legacy_importance(const float *x, const float *weights, long R, long n, float *out) {
+    for (long r = 0; r < R; r++) {
+        const float *row = x + r * n;
+        float sum = 0.f;
+        for (long j = 0; j < n; j++) sum += row[j] * row[j];
+        float sigma2 = sum / (float)n;
+        for (long j = 0; j < n; j++) out[r * n + j] = weights[j] * sqrtf(sigma2 + row[j] * row[j]);
     }
 }
