@@ -8,7 +8,8 @@ depend on their values much), the best of --repeats runs each, the ratio, and a 
 give the same bytes; and ggml's own quantizer on the same input (`ggml_quantize_chunk` in
 llama-cpp-python's libggml, one thread; "-" where llama-cpp-python is missing). With --llama, also the whole-model requantization of the bundled model:
 `llama-quantize --allow-requantize IN OUT TYPE 1` (one thread) against `q-psa requantize IN --type TYPE`
-(one process, as it runs), wall time of each command, with the compiled searches and with QPSA_KERNEL=0.
+(one process, as it runs), wall time of each command (best of --repeats, at most 3, interleaved), with
+the compiled searches and with QPSA_KERNEL=0.
 
     python bench/quantize_speed.py [--model smollm2-135m] [--tensor blk.0.ffn_down.weight] [--repeats 3]
                                    [--llama Q4_K_M] [--llama-bin /root/.cache/qpsa/llamacpp-build/bin]
@@ -85,16 +86,19 @@ def time_command(command: list[str], env: dict) -> float:
     return time.perf_counter() - t
 
 
-def time_requantize(path: Path, qtype: str, llama_bin: Path) -> None:
+def time_requantize(path: Path, qtype: str, llama_bin: Path, repeats: int) -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.gguf"
-        llama = time_command([str(llama_bin / "llama-quantize"), "--allow-requantize", str(path), str(out), qtype, "1"], env)
-        ours = time_command([sys.executable, "-m", "qpsa", "requantize", str(path), "--type", qtype, "--output", str(out)], env)
-        numpy = time_command([sys.executable, "-m", "qpsa", "requantize", str(path), "--type", qtype, "--output", str(out)],
-                             {**env, "QPSA_KERNEL": "0"})
-    print(f"requantize {path.name} to {qtype}, wall seconds: llama-quantize (1 thread) {llama:.1f}, "
+        ours_cmd = [sys.executable, "-m", "qpsa", "requantize", str(path), "--type", qtype, "--output", str(out)]
+        llama_cmd = [str(llama_bin / "llama-quantize"), "--allow-requantize", str(path), str(out), qtype, "1"]
+        llama = ours = numpy = float("inf")
+        for _ in range(repeats):  # interleaved, so a change of load hits all three
+            llama = min(llama, time_command(llama_cmd, env))
+            ours = min(ours, time_command(ours_cmd, env))
+            numpy = min(numpy, time_command(ours_cmd, {**env, "QPSA_KERNEL": "0"}))
+    print(f"requantize {path.name} to {qtype}, wall seconds, best of {repeats}: llama-quantize (1 thread) {llama:.1f}, "
           f"q-psa compiled {ours:.1f} ({ours / llama:.1f}x llama's), q-psa numpy {numpy:.1f} ({numpy / llama:.1f}x)")
 
 
@@ -111,7 +115,7 @@ def main() -> None:
     path = BUNDLED[args.model].path()
     time_types(load_tensor(path, args.tensor), args.repeats)
     if args.llama:
-        time_requantize(path, args.llama, args.llama_bin)
+        time_requantize(path, args.llama, args.llama_bin, min(args.repeats, 3))
 
 
 if __name__ == "__main__":
