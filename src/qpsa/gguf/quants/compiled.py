@@ -1,4 +1,7 @@
-"""The scale searches compiled (searches.c), through ctypes: the same results as searches.py's numpy, faster.
+"""The quantizers' hot loops compiled (searches.c), through ctypes: the same bits as the numpy code, faster.
+
+The four scale searches of searches.py, the K-quants' codes from the stored scales
+(kquants._requantize) and the legacy types' importance weights (legacy._importance).
 
 `library()` is the loaded library, or None where it cannot be had (QPSA_KERNEL=0, no C compiler, a
 failed build; see `qpsa.native`), and each wrapper below then returns None: searches.py runs its
@@ -68,8 +71,8 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def _strided(a: np.ndarray, shape) -> tuple:
-    """A float32 (n, S) array as C reads it: (address, row stride, column stride), strides in elements,
-    so a transposed or broadcast view goes in without a copy."""
+    """A float32 (n, S) array as C reads it: (the array, to keep alive, its address, row stride, column
+    stride), strides in elements, so a transposed or broadcast view goes in without a copy."""
     a = np.broadcast_to(np.asarray(a, dtype=np.float32), shape)
     if any(st % 4 for st in a.strides):
         a = np.ascontiguousarray(a)
