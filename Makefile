@@ -32,3 +32,4 @@ bench: setup
 	$(PYTHON) bench/load_speed.py
 	$(PYTHON) bench/ablation_cost.py
 	$(PYTHON) bench/qpsa_cost.py
+	$(PYTHON) bench/quantize_speed.py --llama Q4_K_M

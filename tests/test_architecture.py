@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qpsa"
 LAYERS = [
     {"__init__", "errors"},  # the package root holds only the version
     {"fsutil", "stats", "progress"},
+    {"native"},  # compiled C helpers: the build and its cache (uses fsutil's cache folder)
     {"gguf"},
     {"sources", "reference"},
     {"model"},

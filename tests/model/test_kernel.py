@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qpsa import native
 from qpsa.model import kernel
 from qpsa.model.kernel import kernel_act_mul_, kernel_attention, kernel_logsumexp_merge_, kernel_rms_norm, kernels
 
@@ -170,5 +171,5 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert kernel._build("cc") == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial files
-    monkeypatch.setattr(kernel, "_cpu_id", lambda: "another cpu")
+    monkeypatch.setattr(native, "cpu_id", lambda: "another cpu")
     assert kernel._build("cc") != first

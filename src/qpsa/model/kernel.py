@@ -8,7 +8,8 @@ a failed build, not x86-64/aarch64 Linux or macOS, or QPSA_KERNEL=0 in the envir
 then use the pure-torch path (`causal_attention`, `F.rms_norm`, `F.silu`…), which compute the same thing; each wrapper
 below returns None where its kernel cannot run, and the caller falls back. The build runs
 `$CC` (default `cc`) with -O3 -march=native -fopenmp, once per source, compiler and CPU; the
-library goes to <q-psa cache>/kernels/ under a name hashed from all three, written atomically.
+library goes to <q-psa cache>/kernels/ under a name hashed from all three, written atomically
+(`qpsa.native`, which the quantizers' compiled searches share).
 
 OpenMP: the library links libgomp by soname, and torch has already loaded its own libgomp.so.1,
 so the dynamic linker binds the kernel to that same runtime: one thread pool, torch's thread
@@ -19,54 +20,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from qpsa.fsutil import cache_root
+from qpsa import native
 
 SOURCE = Path(__file__).with_name("kernels.c")
 
 
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [line for line in info.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(sorted(set(lines)))
-
-
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    key = hashlib.sha256(source + version.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
-    library = cache_root() / "kernels" / f"kernels-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
-    os.close(fd)
-    try:
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", partial]
-        subprocess.run(command, check=True, capture_output=True, timeout=300)
-        os.replace(partial, library)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return library
+    return native.build(SOURCE, "kernels", ["-O3", "-march=native", "-fopenmp"], compiler)
 
 
 def kernels() -> ctypes.CDLL | None:
     """The compiled library with its functions' signatures set, or None where it cannot be built or
     loaded (see the module doc)."""
-    if os.environ.get("QPSA_KERNEL", "1") == "0" or platform.system() not in ("Linux", "Darwin"):
+    if not native.enabled():
         return None
     return _load()
 
@@ -74,7 +45,7 @@ def kernels() -> ctypes.CDLL | None:
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     try:
-        library = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"))))
+        library = ctypes.CDLL(str(_build(native.compiler())))
     except (OSError, subprocess.SubprocessError):
         return None
     L, I, P, Fl = ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_float

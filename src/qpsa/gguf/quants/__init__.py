@@ -24,6 +24,7 @@ layout in its docstring, and four methods that all read that layout:
     kquants.py   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-weight super-blocks)
     searches.py  ggml's scale searches (make_qx_quants, make_q3_quants, make_qkx2/3_quants, make_qp_quants),
                  which the K-quants run, and the legacy types with an importance matrix
+    searches.c   the same searches in C, bit for bit (compiled.py builds and loads it; numpy is the fallback)
     __init__.py  the registry `GRIDS` and the entry points
 
 The per-family modules are tables of types, longer than the other modules: split a family only
@@ -45,7 +46,12 @@ unsigned number, with value = step * code + offset. The bit layouts follow gguf-
 **The quantizers** follow the reference quantizer that llama-quantize runs on a tensor without an
 importance matrix (ggml_quantize_chunk -> quantize_<type>(..., quant_weights=NULL), which calls
 quantize_row_<type>_ref in ggml-quants.c; Q8_0 always does), rewritten as whole-array numpy (each
-family's module docstring says what each type does). The arithmetic is float32 in ggml's order, so
+family's module docstring says what each type does). The scale searches, where nearly all the time
+went, also exist in C (searches.c, compiled on first use into q-psa's cache folder like the model's
+kernels), with the K-quants' last step (codes from the stored scales) and the legacy types'
+importance weights: each runs the C where the library builds and loads, else its numpy version
+(QPSA_KERNEL=0 forces numpy). Both give the same bits; the compiled path makes the K-quants 5–11x
+and the legacy types with an importance matrix 8–20x faster (docs/benchmarks.md). The arithmetic is float32 in ggml's order, so
 the bytes are the same as ggml's: sums that C accumulates one term at a time are accumulated one
 term at a time here (numpy's own sum pairs terms up and rounds differently); nearest_int is ggml's
 add-1.5*2**23 trick (round half to even); C's float -> integer conversions are truncations that

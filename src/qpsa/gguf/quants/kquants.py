@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from gguf import QK_K, GGMLQuantizationType
 
+import qpsa.gguf.quants.compiled as compiled
 from qpsa.gguf.quants.common import (
     F32,
     GROUP_MAX_EPS,
@@ -104,7 +105,7 @@ class Q2_K(QuantGrid):
         d, dmin = half(d), half(dmin)
         d_sub = d.astype(F32)[:, None] * (sc & 0x0F).astype(F32)
         m_sub = dmin.astype(F32)[:, None] * (sc >> 4).astype(F32)
-        codes = _requantize(x.reshape(n_blocks, 16, 16), _from_sub_blocks(codes, n_blocks), d_sub, m_sub, 0, 3)
+        codes = _requantize(x.reshape(n_blocks, 16, 16), codes, 0, d_sub, m_sub, 0, 3)
         blocks = self._zero_blocks(n_blocks)
         blocks[:, 0:16] = sc
         blocks[:, 80:82] = half_bytes(d)
@@ -175,7 +176,7 @@ class Q3_K(QuantGrid):
             d, raw = scale_search(_per_block(scale, n_blocks), nmax=32, w=_per_block(sum_in_order(w), n_blocks))
             raw, d = raw.T.astype(np.uint8), half(d)  # (B, 16) stored scales 0..63 (0 for an all-zero block)
         d_sub = d.astype(F32)[:, None] * (raw.astype(np.int32) - 32).astype(F32)
-        codes = _requantize(x.reshape(n_blocks, 16, 16), _from_sub_blocks(codes - 4, n_blocks), d_sub, None, -4, 3)
+        codes = _requantize(x.reshape(n_blocks, 16, 16), codes, -4, d_sub, None, -4, 3)
         blocks = self._zero_blocks(n_blocks)
         blocks[:, 96:104] = pack(raw & 0x0F, group_len=8, bits=4)  # scale layout: see the class docstring
         blocks[:, 104:108] = pack(raw >> 4, group_len=4, bits=2)
@@ -311,7 +312,7 @@ class Q6_K(QuantGrid):
         sc = np.minimum(nearest_int(iscale[:, None] * scale), 127).astype(np.int8)  # (B, 16), C's int8_t
         d = half(F32(1) / iscale)
         d_sub = d.astype(F32)[:, None] * sc.astype(F32)
-        codes = _requantize(x.reshape(n_blocks, 16, 16), _from_sub_blocks(codes - 32, n_blocks), d_sub, None, -32, 31)
+        codes = _requantize(x.reshape(n_blocks, 16, 16), codes, -32, d_sub, None, -32, 31)
         codes[zero_block] = -32  # stored 0
         sc[zero_block] = 0
         d[zero_block] = 0
@@ -420,7 +421,7 @@ def _quantize_k_scale_min(grid, x, weights, nmax, rmin, nstep):
     sc, mn = _k_scales_mins(scale_bytes)  # read back as ggml does (a code above 63 loses its top bits)
     d_sub = d.astype(F32)[:, None] * sc.astype(F32)
     m_sub = dmin.astype(F32)[:, None] * mn.astype(F32)
-    codes = _requantize(x.reshape(n_blocks, 8, 32), _from_sub_blocks(codes, n_blocks), d_sub, m_sub, 0, nmax)
+    codes = _requantize(x.reshape(n_blocks, 8, 32), codes, 0, d_sub, m_sub, 0, nmax)
     blocks = grid._zero_blocks(n_blocks)
     blocks[:, 0:2] = half_bytes(d)
     blocks[:, 2:4] = half_bytes(dmin)
@@ -439,8 +440,10 @@ def _per_block(values, n_blocks):
 
 
 def _sub_blocks(x, sub_len):
-    """(B, 256) -> (sub_len, B * 256 // sub_len): column s is sub-block s (block s // n_sub)."""
-    return np.ascontiguousarray(x.reshape(-1, sub_len).T)
+    """(B, 256) -> (sub_len, B * 256 // sub_len): column s is sub-block s (block s // n_sub). A transposed
+    view where the compiled searches run (they read any strides), a contiguous copy for numpy's."""
+    view = x.reshape(-1, sub_len).T
+    return view if compiled.library() is not None else np.ascontiguousarray(view)
 
 
 def _from_sub_blocks(codes, n_blocks):
@@ -448,9 +451,16 @@ def _from_sub_blocks(codes, n_blocks):
     return codes.T.reshape(n_blocks, -1, codes.shape[0])
 
 
-def _requantize(x, codes, d_sub, offset, lowest, highest):
+def _requantize(x, codes, shift, d_sub, offset, lowest, highest):
     """Codes recomputed from the stored scales: nearest_int((x + offset) / d_sub), clamped; sub-blocks with
-    d_sub == 0 keep the codes of the search. x, codes (B, n_sub, sub_len); d_sub, offset (B, n_sub) or None."""
+    d_sub == 0 keep the codes of the search, plus `shift`. x (B, n_sub, sub_len); codes (sub_len, S) as the
+    search returned them; d_sub, offset (B, n_sub) or None. Compiled (searches.c) where it can be, else numpy."""
+    found = compiled.requantize(x, codes, shift, d_sub, offset, lowest, highest)
+    return _requantize_numpy(x, codes, shift, d_sub, offset, lowest, highest) if found is None else found
+
+
+def _requantize_numpy(x, codes, shift, d_sub, offset, lowest, highest):
+    codes = _from_sub_blocks(codes + shift, x.shape[0])  # (B, n_sub, sub_len)
     shifted = x if offset is None else x + offset[..., None]
     fresh = np.clip(nearest_int(shifted / d_sub[..., None]), lowest, highest)
     return np.where((d_sub != 0)[..., None], fresh, codes).reshape(x.shape[0], -1)

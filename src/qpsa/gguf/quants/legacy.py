@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+import qpsa.gguf.quants.compiled as compiled
 from qpsa.gguf.quants.common import (
     F32,
     QuantGrid,
@@ -257,7 +258,13 @@ def _quantize_with_min(grid, x, weights, n_levels, clamp):
 
 def _importance(grid, x, weights):
     """ggml's per-weight error weights with an importance matrix: weights[column] * sqrt(sigma2 + x²), sigma2 the
-    mean of x² over the row. x: whole rows of blocks (B, 32), weights (n,) -> (B, 32)."""
+    mean of x² over the row. x: whole rows of blocks (B, 32), weights (n,) -> (B, 32). Compiled (searches.c)
+    where it can be, else numpy."""
+    found = compiled.importance(x, weights)
+    return _importance_numpy(grid, x, weights) if found is None else found
+
+
+def _importance_numpy(grid, x, weights):
     rows = x.reshape(-1, weights.size)  # (R, n)
     sigma2 = sum_in_order(np.ascontiguousarray((rows * rows).T)) / F32(weights.size)  # (R,)
     per_block = np.repeat(sigma2, weights.size // grid.block_size)[:, None]  # (B, 1)

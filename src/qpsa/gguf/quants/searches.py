@@ -9,16 +9,30 @@ K-quants, and the legacy types with an importance matrix, run per sub-block.
 Every array is (n, S): weight j of every group in row j, one group per column, so the C loop over a
 group's n weights is a loop over rows here (sums in ggml's order, `sum_in_order`) and everything else
 is vectorized over the S groups.
+
+Each search has two versions with the same signature and the same bits: `<name>_numpy`, whole-array
+numpy, the reference and the fallback; and searches.c, compiled on first use (compiled.py), which does
+each group's float32 operations in the same order, several groups per vector register, and is
+several times faster (docs/benchmarks.md, "Quantizer speed").
+`<name>` runs the compiled one where it is available and the numpy one otherwise (QPSA_KERNEL=0, no C
+compiler, a failed build).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+import qpsa.gguf.quants.compiled as compiled
 from qpsa.gguf.quants.common import F32, GROUP_MAX_EPS, first_absmax, first_max, first_min, nearest_int, sum_in_order
 
 
 def scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3=False):
+    """scale_min_search_numpy compiled (searches.c, the same bits), or scale_min_search_numpy where the library is unavailable."""
+    found = compiled.scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3)
+    return scale_min_search_numpy(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3) if found is None else found
+
+
+def scale_min_search_numpy(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3=False):
     """ggml's make_qkx2_quants (make_qkx3_quants with `qkx3`): per group, value ≈ scale * code - min with codes 0..nmax.
 
     Start from the (min(x, 0), max) range, then try nstep + 1 wider or narrower grids
@@ -73,6 +87,12 @@ def scale_min_search(x, w, nmax, rmin, rdelta, nstep, use_mad, qkx3=False):
 
 
 def scale_search(x, nmax, w=None):
+    """scale_search_numpy compiled (searches.c, the same bits), or scale_search_numpy where the library is unavailable."""
+    found = compiled.scale_search(x, nmax, w)
+    return scale_search_numpy(x, nmax, w) if found is None else found
+
+
+def scale_search_numpy(x, nmax, w=None):
     """ggml's make_qx_quants (rmse_type 1): value ≈ scale * code, codes -nmax..nmax-1, weights w (default x²).
 
     Try iscale = -(nmax + 0.1 k) / (value of largest magnitude) for k = 0, -9..9 and keep the one whose
@@ -102,6 +122,12 @@ def scale_search(x, nmax, w=None):
 
 
 def scale_refine(x, nmax):
+    """scale_refine_numpy compiled (searches.c, the same bits), or scale_refine_numpy where the library is unavailable."""
+    found = compiled.scale_refine(x, nmax)
+    return scale_refine_numpy(x, nmax) if found is None else found
+
+
+def scale_refine_numpy(x, nmax):
     """ggml's make_q3_quants with rmse: value ≈ scale * code, codes -nmax..nmax-1, x² weights.
 
     Start from codes on the grid through the value of largest magnitude, then up to 5 passes over the
@@ -141,6 +167,12 @@ def scale_refine(x, nmax):
 
 
 def scale_fit(x, w, nmax):
+    """scale_fit_numpy compiled (searches.c, the same bits), or scale_fit_numpy where the library is unavailable."""
+    found = compiled.scale_fit(x, w, nmax)
+    return scale_fit_numpy(x, w, nmax) if found is None else found
+
+
+def scale_fit_numpy(x, w, nmax):
     """ggml's make_qp_quants: the K-quants' sub-block scales (or mins) x ≥ 0 as scale * code, codes ..nmax.
 
     Try iscale = (nmax + 0.1 k) / max(x) for k = 0, ±1..±4 and keep the one of least weighted squared
