@@ -66,6 +66,8 @@ def test_target_preset_budget_is_the_presets_size_and_presets_are_measured(capsy
         assert all(plan["plan"]["kld"] <= m["kld"] for m in fitting)
     html = (tmp_path / "p" / "plan.html").read_text()
     assert "Q4_K_M" in html
+    png = tmp_path / "p" / "plan.png"  # the KLD-against-size chart beside plan.json
+    assert str(png) in plan["files"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_falls_back_to_a_preset_that_measured_better(capsys, tiny, tmp_path, monkeypatch):

@@ -233,7 +233,7 @@ def plan(
     from qpsa.quant.plan import make_plan
     from qpsa.quant.requantize import preset_named, qtype_named
     from qpsa.report.html import write_report_beside
-    from qpsa.report.quant_files import write_sensitivity
+    from qpsa.report.quant_files import write_plan_plot, write_sensitivity
 
     qtypes = [qtype_named(t) for t in (types or DEFAULT_PLAN_TYPES)]
     if estimator is not None:
@@ -259,6 +259,7 @@ def plan(
                        estimator=estimator, draws=draws)
     result.execution = None if executor is None else executor.describe()
     files = result.write(session.out, output, session.progress)
+    files.append(write_plan_plot(session.out, result))
     files.append(str(write_report_beside(session.out / "plan.json")))
     if as_json:
         return print_json({**session.header(), **result.to_dict(), "files": files})

@@ -123,3 +123,38 @@ def predictor_scatter(path: Path, measured: dict[str, float], predictions: dict,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plan_frontier(path: Path, points: list[tuple[str, float, float, float]], frontier: list[str],
+                  plan: tuple[float, float, float], budget_bpw: float, title: str) -> None:
+    """Held-out KLD (log axis, ± one standard error) against bits per weight: each (label, bpw, kld, se)
+    of the presets and uniform types, their Pareto frontier (labels in `frontier`, smallest first) as a
+    dashed step line, the plan (bpw, kld, se) as a star, the budget as a vertical line."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    floor = 1e-7  # a KLD of 0 (a kept file) drawn at the axis floor
+    same: dict[tuple[float, float], list[str]] = {}  # identical files (a preset that is a uniform type) share a label
+    for label, bpw, kld, se in points:
+        same.setdefault((bpw, kld), []).append(label)
+    for label, bpw, kld, se in points:
+        color = "#4C72B0" if label.startswith("uniform ") else "#DD8452"
+        ax.errorbar(bpw, max(kld, floor), yerr=se, fmt="o", color=color, capsize=2, markersize=5)
+        labels = same[(bpw, kld)]
+        if labels[0] == label:
+            ax.annotate(" = ".join(labels), (bpw, max(kld, floor)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    by_label = {p[0]: p for p in points}
+    edge = [by_label[label] for label in frontier if label in by_label]
+    if edge:
+        ax.step([p[1] for p in edge], [max(p[2], floor) for p in edge], where="post", linestyle="--", color="grey",
+                linewidth=1, label="presets' and uniform types' Pareto frontier")
+    ax.errorbar(plan[0], max(plan[1], floor), yerr=plan[2], fmt="*", color="#C44E52", markersize=14, capsize=3,
+                label="plan")
+    ax.axvline(budget_bpw, color="#C44E52", linewidth=0.8, alpha=0.5, label="budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("held-out mean KLD (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -42,3 +42,17 @@ def write_predictors(session: MeasurementSession, result) -> list[str]:
                           f"{session.loaded.path.name}: predicted vs measured KLD, each {result.granularity} to {qtype}")
         files.append(str(png))
     return files
+
+
+def write_plan_plot(out, result) -> str:
+    """plan.png beside plan.json: the plan's held-out KLD and size against the presets' and uniform
+    types' (`PlanResult`); its path."""
+    from qpsa.report.plots import plan_frontier
+
+    points = [(m.label, m.bits_per_weight, m.stats.kld, m.stats.kld_se) for m in result.presets + result.uniform]
+    plan = result.plan
+    budget = f"the size of {result.target_preset}" if result.target_preset else f"{result.target_bpw:.3f} bpw"
+    png = out / "plan.png"
+    plan_frontier(png, points, result.frontier(), (plan.bits_per_weight, plan.stats.kld, plan.stats.kld_se),
+                  result.target_bpw, f"{result.model_name}: plan at {budget} against llama-quantize's presets")
+    return str(png)
