@@ -288,3 +288,13 @@ def test_smollm2_plan_beats_the_uniform_type_of_equal_or_larger_size(capsys, tmp
           + "; ".join(f"{u['label']} {u['bits_per_weight']:.3f} bpw KLD {u['kld']:.4f}" for u in plan["uniform"]))
     assert plan["plan"]["bits_per_weight"] <= 5.3
     assert all(plan["plan"]["kld"] < u["kld"] for u in larger)
+
+
+def test_choose_mixture_keeps_everything_when_the_budget_is_the_models_own_size():
+    """Keeping every group (KLD 0) at exactly the budget: sizes rounded up to the DP's resolution would
+    no longer fit, so the exact unconstrained optimum is taken first."""
+    options = {f"g{i}": [Option("keep", 1001, 0.0, 0.0), Option("Q4_K", 700, 1e-4, 0.0)] for i in range(7)}
+    chosen, total = choose_mixture(options, 7007, resolution=10)
+    assert {o.qtype for o in chosen.values()} == {"keep"} and total == 0.0
+    chosen, total = choose_mixture(options, 7006, resolution=7006)  # one byte short: one group must give way
+    assert sum(o.qtype == "Q4_K" for o in chosen.values()) == 1 and total == pytest.approx(1e-4)

@@ -368,8 +368,13 @@ def choose_mixture(options: dict[str, list[Option]], budget: int, resolution: in
 
     Exact for the additive model at a size resolution of budget/`resolution` (sizes are rounded
     up, so the result always fits): a multiple-choice knapsack solved by dynamic programming over
-    the budget. Returns (choice per group, predicted total KLD).
+    the budget. Returns (choice per group, predicted total KLD). Where every group's least-KLD
+    option fits together (keeping a model whose own size is the budget), that is the answer, exactly:
+    the rounding cannot push it out.
     """
+    lowest = {g: min(opts, key=lambda o: (o.kld, o.bytes)) for g, opts in options.items()}
+    if sum(o.bytes for o in lowest.values()) <= budget:
+        return lowest, float(sum(o.kld for o in lowest.values()))
     unit = max(1, budget // resolution)
     cap = budget // unit
     inf = float("inf")
