@@ -272,3 +272,26 @@ def test_gradient_predictors_need_the_whole_model(q8_model, tmp_path, capsys):
     code, _, err = run(capsys, "predictors", q8_model, "--chunks", 1, "--ctx", 24, "--predictors", "fisher_kl",
                        "--max-memory", _tight(q8_model), "--out", tmp_path / "p")
     assert_user_error(code, err, "for the gradient predictors (fisher_kl), which needs the whole model in float at once")
+
+
+@pytest.mark.parametrize("which", ["q8_model", "k_model"])
+def test_head_streamed_from_the_file_gives_the_resident_nlls(which, request, monkeypatch):
+    """On demand, the output head's NLLs come from its rows dequantized block by block (never the
+    whole float head): the same numbers as the resident head, blocks and chunks of odd sizes."""
+    from qpsa.model import transformer, weights
+
+    path = request.getfixturevalue(which)
+    resident = load_model(str(path), tokenizer=False)
+    lazy = load_model(str(path), tokenizer=False, max_memory=_tight(path), ctx=24, batch=2)
+    width = resident.config.n_embd
+    monkeypatch.setattr(weights, "CHUNK_WEIGHTS", 7 * width)  # blocks of 7 rows
+    monkeypatch.setattr(transformer, "HEAD_CHUNK", 5)  # matmuls of 5 rows, across the blocks' edges
+    store = lazy.model.weights
+    store.release(list(store._cache))
+    store.budget = 0.0  # nothing cached: the head as an 8B model's is under --max-memory 3G
+    assert not isinstance(store.head_rows("output.weight"), torch.Tensor)  # the streamed path is taken
+    targets = _tokens(vocab=resident.config.vocab_size)
+    h = torch.randn(2, 24, width, generator=torch.Generator().manual_seed(1))  # states before the final norm
+    with torch.inference_mode():
+        a, b = resident.model.head_nll(h, targets), lazy.model.head_nll(h, targets)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5) and torch.isfinite(b).all()

@@ -183,21 +183,30 @@ class Transformer:
         C = h.shape[-1]
         x = self._norm(h, self.weights.matrix("output_norm.weight")).reshape(-1, C)  # (R, C)
         targets = targets.reshape(-1).to(x.device)
-        head = self.weights.matrix("output.weight")  # (V, C)
-        V, R = head.shape[0], x.shape[0]
+        head = self.weights.head_rows("output.weight")  # (V, C), or its rows block by block from the file
+        V, R = self.weights.shape("output.weight")[0], x.shape[0]
         cap = self.config.final_logit_softcap
-        target = (x * head[targets]).sum(-1)  # (R,)
-        if cap:
-            target = torch.tanh(target / cap) * cap
+        if isinstance(head, torch.Tensor):
+            target = (x * head[targets]).sum(-1)  # (R,)
+            blocks = [(0, head)]
+        else:  # on demand: each target's logit from the block that holds its row
+            target = torch.empty(R, dtype=x.dtype, device=x.device)
+            blocks = head
         lse = torch.full((R,), -math.inf, dtype=x.dtype, device=x.device)  # over the chunks so far
         buffer = torch.empty(R * min(HEAD_CHUNK, V), dtype=x.dtype, device=x.device)
-        for start in range(0, V, HEAD_CHUNK):
-            rows = head[start : start + HEAD_CHUNK]
-            z = torch.matmul(x, rows.t(), out=buffer[: R * rows.shape[0]].view(R, rows.shape[0]))
-            if cap:
-                z.div_(cap).tanh_().mul_(cap)
-            if not kernel_logsumexp_merge_(z, lse):  # the compiled kernel: max, exp, sum in one pass
-                lse = torch.logaddexp(lse, z[:, 0] - torch.log_softmax(z, dim=-1)[:, 0])
+        for first, block in blocks:
+            if blocks is head:
+                inside = (targets >= first) & (targets < first + block.shape[0])
+                target[inside] = (x[inside] * block[targets[inside] - first]).sum(-1)
+            for start in range(0, block.shape[0], HEAD_CHUNK):
+                rows = block[start : start + HEAD_CHUNK]
+                z = torch.matmul(x, rows.t(), out=buffer[: R * rows.shape[0]].view(R, rows.shape[0]))
+                if cap:
+                    z.div_(cap).tanh_().mul_(cap)
+                if not kernel_logsumexp_merge_(z, lse):  # the compiled kernel: max, exp, sum in one pass
+                    lse = torch.logaddexp(lse, z[:, 0] - torch.log_softmax(z, dim=-1)[:, 0])
+        if cap:
+            target = torch.tanh(target / cap) * cap
         return lse.sub_(target).view(h.shape[:-1])
 
     def forward(

@@ -200,6 +200,28 @@ class WeightStore(MutableMapping):
         name = self._resolve(name)
         return self._unit(unit_of(name), pin=False)[name]
 
+    def head_rows(self, name: str) -> torch.Tensor | Iterator[tuple[int, torch.Tensor]]:
+        """A global matrix for a pass over its rows: the float tensor where it is cached or fits in the
+        budget (as `matrix`), else an iterator of (first row, rows) dequantized from the file a few
+        million weights at a time, so the whole float matrix (an 8B model's 2.1 GB head) never exists."""
+        name = self._resolve(name)
+        unit = unit_of(name)
+        source = self._sources[name]
+        if (unit in self._cache or (self._last is not None and self._last[0] == unit) or isinstance(source, torch.Tensor)
+                or self.cached_bytes() + self.unit_bytes(unit) <= self.budget):
+            return self.matrix(name)
+        return self._rows_from_file(source)
+
+    def _rows_from_file(self, source) -> Iterator[tuple[int, torch.Tensor]]:
+        n_rows, width = int(np.prod(source.shape[:-1])), source.shape[-1]
+        step = max(1, CHUNK_WEIGHTS // width)
+        self.dequantized += 1
+        for start in range(0, n_rows, step):
+            t = time.perf_counter()
+            rows = dequantize_rows(source, slice(start, min(start + step, n_rows)), self.device).to(self.dtype)
+            self.dequantize_seconds += time.perf_counter() - t
+            yield start, rows
+
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """F.embedding(tokens, token_embd) (…, C), dequantizing only the rows asked for unless cached."""
         unit = "token_embd.weight"
