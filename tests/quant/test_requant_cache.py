@@ -56,3 +56,20 @@ def test_the_budget_evicts_the_least_recently_used_and_zero_turns_it_off(tmp_pat
     off = RequantizedCache(0)
     off.raw(gguf_file, NAME, Q.Q8_0)
     assert not off.entries and off.misses == 0
+
+
+def test_a_bad_cache_size_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    from helpers.cli_run import assert_user_error
+    from helpers.cli_run import run as cli
+    from helpers.tiny import PROSE
+
+    from qpsa.quant import requantize
+
+    path = write_wide_gguf(tmp_path / "m.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text(PROSE)
+    monkeypatch.setattr(requantize.REQUANTIZED, "_max_bytes", None)  # read the variable again
+    monkeypatch.setenv("QPSA_REQUANT_CACHE_MB", "lots")
+    code, _, err = cli(capsys, "sensitivity", path, "--to", "q8_0", "--text", text, "--ctx", 32, "--chunks", 1,
+                       "--out", tmp_path / "s", "--json")
+    assert_user_error(code, err, "QPSA_REQUANT_CACHE_MB", "'lots'")

@@ -316,13 +316,23 @@ class RequantizedCache:
     (QPSA_REQUANT_CACHE_MB, default 2048; 0 turns it off). The blocks are shared: callers copy
     before changing them (`dequantize` does)."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int | None = None):
         from collections import OrderedDict
 
-        self.max_bytes = max_bytes
+        self._max_bytes = max_bytes  # None: QPSA_REQUANT_CACHE_MB, read on first use
         self.entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.n_bytes = 0
         self.hits = self.misses = 0
+
+    @property
+    def max_bytes(self) -> int:
+        if self._max_bytes is None:
+            value = os.environ.get("QPSA_REQUANT_CACHE_MB", "2048")
+            try:
+                self._max_bytes = int(value) << 20
+            except ValueError:
+                raise QpsaError(f"QPSA_REQUANT_CACHE_MB must be a whole number of MiB (got {value!r})") from None
+        return self._max_bytes
 
     def raw(self, gguf_file: GGUFFile, name: str, target: GGMLQuantizationType,
             imatrix: Imatrix | None = None) -> np.ndarray:
@@ -358,7 +368,7 @@ class RequantizedCache:
         self.n_bytes = 0
 
 
-REQUANTIZED = RequantizedCache(int(os.environ.get("QPSA_REQUANT_CACHE_MB", "2048")) << 20)
+REQUANTIZED = RequantizedCache()
 
 
 def write_requantized(
